@@ -1,0 +1,7 @@
+//! Robin: transparent egress interception for workload identity.
+//!
+//! Data path, one module per stage: [`capture`] (eBPF redirect and accept) → `proxy` (sniff,
+//! intercept or splice, inject, upstream) with [`identity`] supplying tokens.
+pub mod capture;
+pub mod exec;
+pub mod identity;

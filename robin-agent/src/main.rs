@@ -1,0 +1,57 @@
+//! The `robin` binary. Each subcommand lives in its own module of the library; this file only
+//! parses the command line, sets up logging and maps errors to exit codes.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "robin",
+    version,
+    about = "Transparent egress interception for workload identity"
+)]
+struct Cli {
+    /// Log record format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ROBIN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a transient cgroup whose outbound connects Robin captures.
+    Exec(robin_agent::exec::ExecArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("ROBIN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: `robin exec` shares stdout with the command it runs.
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Exec(args) => robin_agent::exec::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("robin: {e:#}");
+            ExitCode::from(70)
+        }
+    }
+}
