@@ -1,1 +1,145 @@
-fn main() {}
+//! Robin's task runner: `cargo xtask setup | test | demo | manifests`.
+//!
+//! Building the eBPF object is `robin-agent/build.rs`'s job; xtask installs what that build and
+//! the privileged tests need, then runs things.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (idempotent; fast when all is present).
+    Setup,
+    /// Run the whole suite: unit, in-process and privileged end-to-end tests, and manifests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Show Robin's main job end to end on throwaway namespaces.
+    Demo,
+    /// Render every kustomization under deploy/ (offline).
+    Manifests,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup::ensure()?;
+            demo::run()
+        }
+        Task::Manifests => manifests(),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+/// Builds the `robin` binary and returns its path.
+pub fn build_robin() -> anyhow::Result<PathBuf> {
+    status(cargo().args(["build", "-p", "robin-agent", "--bin", "robin"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("debug/robin"))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure()?;
+    // SAFETY-free checks up front so a missing privilege fails with a reason, not deep in a test.
+    let euid = String::from_utf8(Command::new("id").arg("-u").output()?.stdout)?;
+    if euid.trim() != "0" {
+        bail!("the privileged tests (eBPF attach, netns, cgroups) must run as root");
+    }
+    let robin = build_robin()?;
+    manifests()?;
+    // Privileged tests share kernel state (cgroup2 tree, netns names); two threads keep the
+    // suite quick while every world is uniquely named.
+    status(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "robin-ebpf", "--"])
+            .args(["--test-threads=2"])
+            .args(extra)
+            .env("ROBIN_BIN", &robin),
+    )
+}
+
+/// `kubectl kustomize` on each kustomization: a manifest that does not render fails the suite.
+fn manifests() -> anyhow::Result<()> {
+    let deploy = workspace_root().join("deploy");
+    let mut dirs = Vec::new();
+    find_kustomizations(&deploy, &mut dirs)?;
+    dirs.sort();
+    for dir in &dirs {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(dir)
+            .output()
+            .context("running kubectl (is it installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl kustomize {} failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let docs = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("kind: "))
+            .count();
+        println!("manifests: {} renders {docs} objects", dir.display());
+    }
+    Ok(())
+}
+
+fn find_kustomizations(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            find_kustomizations(&path, out)?;
+        } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            out.push(dir.to_owned());
+        }
+    }
+    Ok(())
+}

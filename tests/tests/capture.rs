@@ -1,0 +1,324 @@
+//! The kernel half of capture on a real kernel: cgroup connect redirection, original-destination
+//! recovery, getpeername restoration, refusal of direct connects, detach, and a concurrent burst.
+//!
+//! World per test: a "pod" and an "upstream" network namespace joined by veth (no route out), a
+//! workload cgroup, Robin's listener opened inside the pod namespace by this process, and an
+//! upstream that answers "direct" to whatever reaches it uncaptured.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use robin_agent::capture::{Attachment, CaptureSettings, CapturedListener, Capturer};
+use robin_e2e::{
+    Cgroup, Topology, command_in, output_within, require_privileges, workload_cgroup,
+    workload_script,
+};
+use tokio::io::AsyncWriteExt;
+
+const CAPTURED_PORT: u16 = 8443;
+const OTHER_PORT: u16 = 9000;
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct World {
+    topo: Topology,
+    capturer: Capturer,
+    listener: Arc<CapturedListener>,
+    cgroup: Cgroup,
+    attachment: Option<Attachment>,
+    served: Arc<AtomicUsize>,
+}
+
+impl World {
+    async fn new(extra_addrs: u8, ports: Vec<u16>) -> Self {
+        require_privileges();
+        let topo = Topology::new(extra_addrs);
+        let mut capturer = Capturer::load().expect("loading the eBPF object");
+        let listener = Arc::new(
+            CapturedListener::bind(&topo.pod.handle(), 0, capturer.orig_dst_table())
+                .expect("binding the listener in the pod netns"),
+        );
+        assert!(
+            listener.ports().ipv6,
+            "the pod namespace has ::1, so the IPv6 listener must bind"
+        );
+        let served = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(answer_with_orig_dst(listener.clone(), served.clone()));
+        start_direct_upstream(&topo);
+        let cgroup = workload_cgroup();
+        let settings = CaptureSettings::new(ports, listener.ports().port);
+        let attachment = Some(capturer.attach(&cgroup, &settings).expect("attaching"));
+        Self {
+            topo,
+            capturer,
+            listener,
+            cgroup,
+            attachment,
+            served,
+        }
+    }
+
+    /// Runs the workload's `connect` in the pod netns, inside the captured cgroup or not.
+    async fn connect(
+        &self,
+        captured: bool,
+        family: &str,
+        host: IpAddr,
+        port: u16,
+    ) -> (String, u16, String) {
+        let script = workload_script();
+        let cmd = command_in(
+            &self.topo.pod,
+            captured.then_some(&self.cgroup),
+            "python3",
+            &[
+                script.to_str().expect("utf-8 path"),
+                "connect",
+                family,
+                &host.to_string(),
+                &port.to_string(),
+            ],
+        );
+        let out = output_within(cmd, LIMIT).await;
+        assert!(
+            out.status.success(),
+            "workload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("workload JSON");
+        (
+            v["peer"][0].as_str().expect("peer host").to_owned(),
+            v["peer"][1].as_u64().expect("peer port") as u16,
+            v["reply"].as_str().expect("reply").to_owned(),
+        )
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(a) = self.attachment.take() {
+            self.capturer.detach(a);
+        }
+    }
+}
+
+/// Stands in for the proxy: tells the workload which original destination the kernel recorded.
+async fn answer_with_orig_dst(listener: Arc<CapturedListener>, served: Arc<AtomicUsize>) {
+    loop {
+        let Ok((mut stream, orig, _client)) = listener.accept().await else {
+            continue;
+        };
+        served.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let _ = stream.write_all(format!("robin {orig}\n").as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// TCP servers on the upstream addresses (captured and other port) and a UDP echo, answering
+/// "direct": anything that reaches them was not captured.
+fn start_direct_upstream(topo: &Topology) {
+    let ns = topo.upstream.handle();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for ip in topo.upstream_ips() {
+        addrs.push(SocketAddr::new(ip, CAPTURED_PORT));
+        addrs.push(SocketAddr::new(ip, OTHER_PORT));
+    }
+    let (tcp, udp) = ns
+        .run(|| {
+            let tcp: Vec<_> = addrs
+                .iter()
+                .map(|a| std::net::TcpListener::bind(a).expect("binding upstream"))
+                .collect();
+            let udp =
+                std::net::UdpSocket::bind(SocketAddr::new(topo.upstream_ip4.into(), CAPTURED_PORT))
+                    .expect("binding upstream udp");
+            (tcp, udp)
+        })
+        .expect("entering upstream netns");
+    for l in tcp {
+        l.set_nonblocking(true).expect("nonblocking");
+        let l = tokio::net::TcpListener::from_std(l).expect("tokio listener");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(b"direct\n").await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+    }
+    udp.set_nonblocking(true).expect("nonblocking");
+    let udp = tokio::net::UdpSocket::from_std(udp).expect("tokio udp");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(b"direct\n", from).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_connect_is_redirected_with_its_original_destination() {
+    let w = World::new(0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip4);
+    let (peer, port, reply) = w.connect(true, "4", up, CAPTURED_PORT).await;
+    assert_eq!(reply, format!("robin {up}:{CAPTURED_PORT}"));
+    assert_eq!(
+        (peer.as_str(), port),
+        (up.to_string().as_str(), CAPTURED_PORT),
+        "getpeername must show the dialled address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_connect_is_redirected_with_its_original_destination() {
+    let w = World::new(0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip6);
+    let (peer, port, reply) = w.connect(true, "6", up, CAPTURED_PORT).await;
+    assert_eq!(reply, format!("robin [{up}]:{CAPTURED_PORT}"));
+    assert_eq!(
+        (peer.as_str(), port),
+        (up.to_string().as_str(), CAPTURED_PORT)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_mapped_connect_is_redirected_and_reported_as_ipv4() {
+    let w = World::new(0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip4);
+    let (peer, port, reply) = w.connect(true, "mapped", up, CAPTURED_PORT).await;
+    assert_eq!(reply, format!("robin {up}:{CAPTURED_PORT}"));
+    assert_eq!(
+        (peer.as_str(), port),
+        (format!("::ffff:{up}").as_str(), CAPTURED_PORT)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncaptured_cgroup_other_ports_and_udp_go_direct() {
+    let w = World::new(0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip4);
+    let (_, _, reply) = w.connect(false, "4", up, CAPTURED_PORT).await;
+    assert_eq!(
+        reply, "direct",
+        "a process outside the captured cgroup is never redirected"
+    );
+    let (_, _, reply) = w.connect(true, "4", up, OTHER_PORT).await;
+    assert_eq!(
+        reply, "direct",
+        "a port outside the capture set is never redirected"
+    );
+    let (_, _, reply) = w
+        .connect(true, "6", w.topo.upstream_ip6.into(), OTHER_PORT)
+        .await;
+    assert_eq!(reply, "direct");
+
+    let script = workload_script();
+    let cmd = command_in(
+        &w.topo.pod,
+        Some(&w.cgroup),
+        "python3",
+        &[
+            script.to_str().expect("utf-8"),
+            "udp",
+            &up.to_string(),
+            &CAPTURED_PORT.to_string(),
+        ],
+    );
+    let out = output_within(cmd, LIMIT).await;
+    assert!(
+        out.status.success(),
+        "udp workload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("direct"),
+        "UDP is never redirected"
+    );
+    assert_eq!(w.served.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_connect_to_the_listener_is_closed_unserved() {
+    let w = World::new(0, vec![CAPTURED_PORT]).await;
+    let port = w.listener.ports().port;
+    for (family, ip) in [("4", "127.0.0.1"), ("6", "::1")] {
+        let (_, _, reply) = w.connect(true, family, ip.parse().expect("ip"), port).await;
+        assert_eq!(
+            reply, "",
+            "a connection the kernel did not redirect gets no bytes"
+        );
+    }
+    assert_eq!(
+        w.served.load(Ordering::SeqCst),
+        0,
+        "nothing reached the handler"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_restores_direct_connects() {
+    let mut w = World::new(0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip4);
+    let (_, _, reply) = w.connect(true, "4", up, CAPTURED_PORT).await;
+    assert!(
+        reply.starts_with("robin "),
+        "captured before detach: {reply}"
+    );
+    let attachment = w.attachment.take().expect("attached");
+    w.capturer.detach(attachment);
+    let (peer, _, reply) = w.connect(true, "4", up, CAPTURED_PORT).await;
+    assert_eq!(reply, "direct");
+    assert_eq!(peer, up.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_concurrent_connects_each_recover_their_own_destination() {
+    const TOTAL: usize = 3000;
+    let ports: Vec<u16> = (0..8).map(|i| CAPTURED_PORT + 1 + i).collect();
+    let w = World::new(8, ports.clone()).await;
+    let mut targets = Vec::new();
+    for ip in &w.topo.extra_upstream_ip4 {
+        for port in &ports {
+            targets.push(format!("{ip}:{port}"));
+        }
+    }
+    let script = workload_script();
+    let mut args = vec![
+        script.to_str().expect("utf-8").to_owned(),
+        "burst".into(),
+        "200".into(),
+        TOTAL.to_string(),
+    ];
+    args.extend(targets);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cmd = command_in(&w.topo.pod, Some(&w.cgroup), "python3", &args);
+    let out = output_within(cmd, Duration::from_secs(120)).await;
+    assert!(
+        out.status.success(),
+        "burst: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("burst JSON");
+    assert_eq!(v["ok"].as_u64(), Some(TOTAL as u64), "burst result: {v}");
+    assert_eq!(w.served.load(Ordering::SeqCst), TOTAL);
+
+    // Every per-peer record was consumed at accept; per-socket records go when sockets close.
+    let table = w.capturer.orig_dst_table();
+    assert_eq!(table.len(), 0, "unclaimed per-peer records leaked");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.capturer.tracked_sockets() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        w.capturer.tracked_sockets(),
+        0,
+        "per-socket records leaked after close"
+    );
+}

@@ -1,0 +1,111 @@
+//! Installs what building and testing Robin needs on a fresh Debian 12 machine:
+//! Debian's rustc 1.96 *with its source* (the BPF target has no prebuilt `core`, so the eBPF
+//! crate is built with `-Z build-std=core`), LLVM 22 for bpf-linker, bpf-linker 0.13, and the
+//! tools the end-to-end tests drive (iproute2, curl, python3, openssl).
+//!
+//! Idempotent: every step checks first, so a machine that has everything returns in well
+//! under a second.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::status;
+
+const EBPF_TOOLCHAIN: &str = "bpf-debian";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const APT_PACKAGES: &[&str] = &[
+    // eBPF toolchain
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // test and demo tools
+    "iproute2",
+    "curl",
+    "openssl",
+    "python3",
+    "python3-requests",
+    "python3-websockets",
+];
+/// Files whose presence shows each package is installed (dpkg queries are slower).
+const APT_MARKERS: &[&str] = &[
+    "/usr/lib/rustlib/src/rust/library/core/Cargo.toml",
+    "/usr/lib/llvm-22/lib/libLLVM.so",
+    "/usr/lib/llvm-22/lib/libPolly.a",
+    "/usr/include/zstd.h",
+    "/usr/include/zlib.h",
+    "/usr/bin/rustc",
+    "/sbin/ip",
+    "/usr/bin/curl",
+    "/usr/bin/openssl",
+    "/usr/bin/python3",
+    "/usr/lib/python3/dist-packages/requests/__init__.py",
+    "/usr/lib/python3/dist-packages/websockets/__init__.py",
+];
+
+pub fn ensure() -> anyhow::Result<()> {
+    ensure_apt_packages()?;
+    ensure_bpf_linker()?;
+    ensure_toolchain_link()?;
+    Ok(())
+}
+
+fn ensure_apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&&str> = APT_MARKERS
+        .iter()
+        .filter(|m| !Path::new(m).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages (missing: {missing:?})");
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install (setup needs root)")
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let installed = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~2 min)");
+    // bpf-linker's build script reads LLVM_PREFIX; llvm-sys reads LLVM_SYS_221_PREFIX.
+    status(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn ensure_toolchain_link() -> anyhow::Result<()> {
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.starts_with(EBPF_TOOLCHAIN))
+    {
+        return Ok(());
+    }
+    if !Path::new("/usr/bin/rustc").exists() {
+        bail!("/usr/bin/rustc is missing although rustc-web was installed");
+    }
+    // `rustup run bpf-debian cargo …` then uses /usr/bin/{rustc,cargo}, which ship rust-src.
+    status(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]))
+}
