@@ -8,7 +8,7 @@ pub mod ebpf;
 pub mod listener;
 pub mod netns;
 
-pub use cgroup::{Cgroup, find_cgroup2_mount};
+pub use cgroup::{Cgroup, Cgroup2Mount, find_cgroup2_mount};
 pub use ebpf::{Attachment, CaptureSettings, Capturer, OrigDstTable};
 pub use listener::{CapturedListener, ListenerPorts};
 pub use netns::NetNs;

@@ -287,3 +287,180 @@ pub fn robin_bin() -> PathBuf {
     );
     bin
 }
+
+/// Kills and reaps a background process (upstream servers) when the test ends.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("robin-{tag}-{}", unique_id()));
+        std::fs::create_dir_all(&dir).expect("creating scratch dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Test PKI made with the openssl CLI: Robin's CA, an upstream CA with a leaf for `hosts`, and a
+/// rogue CA (not trusted anywhere) with a leaf for the same hosts.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, hosts: &[&str]) -> Self {
+        let ca = |name: &str, cn: &str| {
+            openssl(
+                dir,
+                &[
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                    &format!("{name}.key"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-new",
+                    "-key",
+                    &format!("{name}.key"),
+                    "-sha256",
+                    "-days",
+                    "1",
+                    "-subj",
+                    &format!("/CN={cn}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                    "-out",
+                    &format!("{name}.crt"),
+                ],
+            );
+        };
+        ca("robin-ca", "Test Robin CA");
+        openssl(dir, &["pkcs8", "-topk8", "-nocrypt", "-in", "robin-ca.key", "-out", "robin-ca.p8"]);
+        std::fs::rename(dir.join("robin-ca.p8"), dir.join("robin-ca.key")).expect("rename key");
+        ca("upstream-ca", "Test Upstream CA");
+        ca("rogue-ca", "Test Rogue CA");
+        let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                san.join(",")
+            ),
+        )
+        .expect("writing leaf.ext");
+        for (leaf, issuer) in [("upstream", "upstream-ca"), ("rogue", "rogue-ca")] {
+            openssl(
+                dir,
+                &[
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                    &format!("{leaf}.key"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-new",
+                    "-key",
+                    &format!("{leaf}.key"),
+                    "-subj",
+                    "/CN=upstream",
+                    "-out",
+                    &format!("{leaf}.csr"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{leaf}.csr"),
+                    "-CA",
+                    &format!("{issuer}.crt"),
+                    "-CAkey",
+                    &format!("{issuer}.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-sha256",
+                    "-extfile",
+                    "leaf.ext",
+                    "-out",
+                    &format!("{leaf}.crt"),
+                ],
+            );
+        }
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Gives the namespace's processes (started with `ip netns exec`) their own `/etc/hosts` and a
+/// system trust bundle made of `cas`, as a platform mounts them into a pod.
+pub fn pod_etc(netns: &Netns, hosts: &[(&str, IpAddr)], cas: &[PathBuf]) {
+    let etc = netns.etc_dir();
+    std::fs::create_dir_all(etc.join("ssl/certs")).expect("creating /etc/netns dir");
+    let mut lines = String::from("127.0.0.1 localhost\n::1 localhost\n");
+    for (name, ip) in hosts {
+        lines.push_str(&format!("{ip} {name}\n"));
+    }
+    std::fs::write(etc.join("hosts"), lines).expect("writing hosts");
+    let bundle: String = cas
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("reading CA"))
+        .collect();
+    std::fs::write(etc.join("ssl/certs/ca-certificates.crt"), bundle)
+        .expect("writing trust bundle");
+}

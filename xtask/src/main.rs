@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -34,6 +35,12 @@ enum Task {
     Demo,
     /// Render every kustomization under deploy/ (offline).
     Manifests,
+    /// Benchmark Robin against the direct path and peer proxies (writes bench/results/).
+    Bench {
+        /// A few seconds per scenario: keeps the harness from rotting (run in CI).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +53,10 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Task::Manifests => manifests(),
+        Task::Bench { smoke } => {
+            setup::ensure()?;
+            bench::run(smoke)
+        }
     }
 }
 

@@ -50,6 +50,59 @@ pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
     Err(CgroupError::NoCgroup2)
 }
 
+/// Where Robin mounts the cgroup2 hierarchy when none is visible in its mount namespace.
+const PRIVATE_CGROUP2_MOUNT: &str = "/run/robin/cgroup2";
+
+/// A cgroup2 mount Robin made itself; unmounted on drop.
+#[derive(Debug)]
+pub struct Cgroup2Mount {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl Cgroup2Mount {
+    /// The visible cgroup2 mount, or a fresh one. `ip netns exec` (and some container runtimes)
+    /// give their command a new mount namespace with `/sys` remounted, which hides cgroup2;
+    /// mounting it again shows the same single hierarchy.
+    pub fn find_or_mount() -> Result<Self, CgroupError> {
+        match find_cgroup2_mount() {
+            Ok(path) => Ok(Self { path, owned: false }),
+            Err(CgroupError::NoCgroup2) => {
+                let path = PathBuf::from(PRIVATE_CGROUP2_MOUNT);
+                fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
+                nix::mount::mount(
+                    Some("cgroup2"),
+                    &path,
+                    Some("cgroup2"),
+                    nix::mount::MsFlags::MS_NOSUID
+                        | nix::mount::MsFlags::MS_NODEV
+                        | nix::mount::MsFlags::MS_NOEXEC,
+                    None::<&str>,
+                )
+                .map_err(|e| CgroupError::Io {
+                    op: "mounting cgroup2 at",
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+                Ok(Self { path, owned: true })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup2Mount {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 /// A cgroup v2 directory. `Cgroup::create` makes a transient one that is removed on drop (after
 /// any process still in it is killed); `Cgroup::existing` only refers to one.
 #[derive(Debug)]

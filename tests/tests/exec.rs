@@ -1,0 +1,423 @@
+//! `robin exec` end to end: real clients (curl, python urllib/requests) with no proxy settings,
+//! inside a captured "pod" namespace, against real HTTPS/HTTP upstreams in another namespace.
+use std::{
+    io::BufRead,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use robin_e2e::{
+    ChildGuard, Pki, TempDir, Topology, output_within, pod_etc, require_privileges, robin_bin,
+};
+
+const RULED: &str = "api.test";
+const WILD: &str = "eu.wild.test";
+const PASSTHROUGH: &str = "other.test";
+const ROGUE: &str = "rogue.test";
+const DEAD: &str = "dead.test";
+const TOKEN: &str = "tok-ALPHA.123_secret";
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct ExecWorld {
+    topo: Topology,
+    dir: TempDir,
+    config: PathBuf,
+    token: PathBuf,
+    upstream_log: PathBuf,
+    _servers: Vec<ChildGuard>,
+}
+
+fn start_upstream(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    tls: Option<(&Path, &Path)>,
+    log: &Path,
+) -> ChildGuard {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", topo.upstream.name(), "python3"])
+        .arg(script)
+        .args([ip.to_string(), port.to_string()]);
+    match tls {
+        Some((cert, key)) => cmd.arg(cert).arg(key),
+        None => cmd.arg("plain"),
+    };
+    cmd.arg(log).stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("starting upstream.py");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("reading upstream readiness");
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "upstream on {ip}:{port} did not start"
+    );
+    ChildGuard(child)
+}
+
+impl ExecWorld {
+    fn new() -> Self {
+        require_privileges();
+        let topo = Topology::new(1);
+        let dir = TempDir::new("exec");
+        let pki = Pki::new(dir.path(), &[RULED, WILD, PASSTHROUGH, ROGUE, DEAD]);
+        let up: IpAddr = topo.upstream_ip4.into();
+        let dead: IpAddr = topo.extra_upstream_ip4[0].into();
+        pod_etc(
+            &topo.pod,
+            &[
+                (RULED, up),
+                (WILD, up),
+                (PASSTHROUGH, up),
+                (ROGUE, up),
+                (DEAD, dead),
+            ],
+            &[pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")],
+        );
+        let upstream_log = dir.path().join("upstream.log");
+        let servers = vec![
+            start_upstream(
+                &topo,
+                up,
+                443,
+                Some((&pki.file("upstream.crt"), &pki.file("upstream.key"))),
+                &upstream_log,
+            ),
+            start_upstream(&topo, up, 80, None, &upstream_log),
+            // Same names, certificate from a CA nobody trusts.
+            start_upstream(
+                &topo,
+                up,
+                8443,
+                Some((&pki.file("rogue.crt"), &pki.file("rogue.key"))),
+                &upstream_log,
+            ),
+        ];
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("writing token");
+        let config = dir.path().join("robin.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[tls]
+ca_cert = "{}"
+ca_key = "{}"
+upstream_roots = "{}"
+
+[capture]
+ports = [80, 443, 8443]
+
+[[inject]]
+hosts = ["{RULED}", "*.wild.test", "{ROGUE}", "{DEAD}"]
+source = {{ kind = "file", path = "{}" }}
+"#,
+                pki.file("robin-ca.crt").display(),
+                pki.file("robin-ca.key").display(),
+                pki.file("upstream-ca.crt").display(),
+                token.display()
+            ),
+        )
+        .expect("writing config");
+        Self {
+            topo,
+            dir,
+            config,
+            token,
+            upstream_log,
+            _servers: servers,
+        }
+    }
+
+    /// `ip netns exec POD robin exec --config CFG -- sh -c SCRIPT`, with no proxy variables.
+    async fn exec(&self, script: &str) -> Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.topo.pod.name()])
+            .arg(robin_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--", "sh", "-c", script]);
+        for var in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "ALL_PROXY",
+            "NO_PROXY",
+        ] {
+            cmd.env_remove(var);
+        }
+        let out = output_within(cmd, LIMIT).await;
+        let logs = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !logs.contains(TOKEN),
+            "a token value reached robin's output:\n{logs}"
+        );
+        out
+    }
+
+    fn upstream_requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.upstream_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("upstream log line"))
+            .collect()
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "workload failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_gets_the_current_token_with_placeholder_and_duplicates_replaced() {
+    let w = ExecWorld::new();
+    let out = w
+        .exec(&format!(
+            "curl -sS -H 'Authorization: Bearer app-placeholder' -H 'authorization: Basic dup' https://{RULED}/a"
+        ))
+        .await;
+    let v = json(&stdout(&out));
+    assert_eq!(
+        v["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+    assert_eq!(v["host"], RULED);
+    // Wildcard rule, a name minted on demand.
+    let v = json(&stdout(
+        &w.exec(&format!("curl -sS https://{WILD}/w")).await,
+    ));
+    assert_eq!(
+        v["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_injected_too() {
+    let w = ExecWorld::new();
+    let v = json(&stdout(
+        &w.exec(&format!("curl -sS http://{RULED}/plain")).await,
+    ));
+    assert_eq!(
+        v["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_urllib_and_requests_work_unmodified_and_see_rotation_on_one_connection() {
+    let w = ExecWorld::new();
+    let rotated = w.dir.path().join("rotate-now");
+    let script = format!(
+        r#"
+import json, os, time, urllib.request, requests
+print(json.dumps(json.load(urllib.request.urlopen("https://{RULED}/urllib"))))
+s = requests.Session()
+first = s.get("https://{RULED}/one").json()
+tmp = "{token}.new"
+open(tmp, "w").write("tok-rotated-2\n")
+os.rename(tmp, "{token}")
+second = s.get("https://{RULED}/two").json()
+print(json.dumps([first, second]))
+"#,
+        token = w.token.display()
+    );
+    std::fs::write(&rotated, script).expect("writing client script");
+    let out = w
+        .exec(&format!("/usr/bin/python3 {}", rotated.display()))
+        .await;
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let urllib = json(lines.next().expect("urllib line"));
+    assert_eq!(
+        urllib["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+    let pair = json(lines.next().expect("requests line"));
+    assert_eq!(
+        pair[0]["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+    assert_eq!(
+        pair[1]["authorization"],
+        serde_json::json!(["Bearer tok-rotated-2"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unruled_host_is_spliced_with_the_upstreams_own_certificate() {
+    let w = ExecWorld::new();
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{certs}}' https://{PASSTHROUGH}/ | grep -m1 '^Issuer:'; \
+             curl -sS -o /dev/null -w '%{{certs}}' https://{RULED}/ | grep -m1 '^Issuer:'; \
+             curl -sS -H 'Authorization: Bearer app-own' https://{PASSTHROUGH}/p"
+        ))
+        .await;
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("Test Upstream CA"),
+        "passthrough issuer: {}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("Test Robin CA"),
+        "intercepted issuer: {}",
+        lines[1]
+    );
+    let v = json(lines[2]);
+    assert_eq!(
+        v["authorization"],
+        serde_json::json!(["Bearer app-own"]),
+        "spliced bytes are untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_crlf_token_is_503_and_nothing_is_forwarded() {
+    let w = ExecWorld::new();
+    std::fs::remove_file(&w.token).expect("removing token");
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' https://{RULED}/missing"
+        ))
+        .await;
+    assert_eq!(stdout(&out), "503");
+    std::fs::write(&w.token, "abc\r\nX-Evil: yes\n").expect("writing hostile token");
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' https://{RULED}/crlf"
+        ))
+        .await;
+    assert_eq!(stdout(&out), "503");
+    assert!(
+        w.upstream_requests().is_empty(),
+        "nothing may reach the upstream: {:?}",
+        w.upstream_requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_untrusted_upstreams_are_502_and_never_see_the_request() {
+    let w = ExecWorld::new();
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' https://{DEAD}/"
+        ))
+        .await;
+    assert_eq!(stdout(&out), "502");
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' https://{ROGUE}:8443/"
+        ))
+        .await;
+    assert_eq!(stdout(&out), "502");
+    assert!(
+        w.upstream_requests().is_empty(),
+        "the token must never reach an unverified peer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_as_they_are_sent() {
+    let w = ExecWorld::new();
+    let script = format!(
+        "import time, urllib.request\n\
+         r = urllib.request.urlopen('https://{RULED}/sse')\n\
+         first = r.readline(); t_first = time.monotonic()\n\
+         rest = r.read(); t_end = time.monotonic()\n\
+         print(first.decode().strip(), round(t_end - t_first, 3))\n"
+    );
+    let file = w.dir.path().join("sse.py");
+    std::fs::write(&file, script).expect("writing sse client");
+    let text = stdout(
+        &w.exec(&format!("/usr/bin/python3 {}", file.display()))
+            .await,
+    );
+    let (event, gap) = text.trim().rsplit_once(' ').expect("event and gap");
+    assert!(event.starts_with("data: event-0"), "{text}");
+    let gap: f64 = gap.parse().expect("gap");
+    assert!(
+        gap > 0.4,
+        "the first event must arrive before the stream ends (gap {gap}s)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload_is_streamed_not_buffered() {
+    const SIZE: u64 = 512 << 20;
+    let w = ExecWorld::new();
+    let file = w.dir.path().join("upload.bin");
+    std::fs::File::create(&file)
+        .expect("create")
+        .set_len(SIZE)
+        .expect("sparse file");
+    // $PPID of the shell is robin itself: its peak RSS after the upload tells if it buffered.
+    let out = w
+        .exec(&format!(
+            "curl -sS -X POST -T {} https://{RULED}/upload; grep VmHWM /proc/$PPID/status",
+            file.display()
+        ))
+        .await;
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let v = json(lines.next().expect("upload reply"));
+    assert_eq!(v["received"].as_u64(), Some(SIZE));
+    let hwm_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM line");
+    assert!(
+        hwm_kib < 128 * 1024,
+        "robin peaked at {hwm_kib} KiB for a {SIZE}-byte upload"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_section_is_431() {
+    let w = ExecWorld::new();
+    // 200 KB in one header: past any sane header section limit (and past argv's, hence a file).
+    let header = w.dir.path().join("big-header");
+    std::fs::write(&header, format!("X-Big: {}\n", "a".repeat(200_000))).expect("header file");
+    let out = w
+        .exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' -H @{} https://{RULED}/big",
+            header.display()
+        ))
+        .await;
+    assert_eq!(stdout(&out), "431");
+    assert!(
+        w.upstream_requests().is_empty(),
+        "an oversized request is never forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_propagates_and_environment_is_untouched() {
+    let w = ExecWorld::new();
+    let out = w.exec("env | grep -i _proxy; exit 7").await;
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no proxy variable may be set"
+    );
+}
