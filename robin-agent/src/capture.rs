@@ -53,8 +53,8 @@ pub fn check_capabilities(need_setns: bool) -> Result<(), String> {
     let missing: Vec<String> = wanted
         .into_iter()
         .filter(|(cap, _)| {
-            !effective.contains(cap)
-                && !(admin && matches!(cap, Capability::CAP_BPF | Capability::CAP_PERFMON))
+            let implied = admin && matches!(cap, Capability::CAP_BPF | Capability::CAP_PERFMON);
+            !(effective.contains(cap) || implied)
         })
         .map(|(cap, why)| format!("{cap} (to {why})"))
         .collect();

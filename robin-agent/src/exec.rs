@@ -11,16 +11,16 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::capture::{self, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs};
+use crate::{
+    capture::{self, CaptureSettings, CapturedListener, Capturer, Cgroup, Cgroup2Mount, NetNs},
+    config::{self, ConfigArgs},
+    proxy::Proxy,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct ExecArgs {
-    /// TCP destination ports to capture.
-    #[arg(long = "capture-port", env = "ROBIN_CAPTURE_PORTS", value_delimiter = ',', default_values_t = [80u16, 443])]
-    pub capture_ports: Vec<u16>,
-    /// Listener port on 127.0.0.1/::1 (0 picks a free one).
-    #[arg(long, env = "ROBIN_LISTENER_PORT", default_value_t = 0)]
-    pub listener_port: u16,
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
@@ -30,29 +30,33 @@ pub struct ExecArgs {
 const EXEC_CGROUP_PARENT: &str = "robin.exec";
 
 pub fn main(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    // Configuration first: a bad file is the most likely mistake and deserves the first word.
+    let cfg = config::load(&args.config)?;
     capture::check_capabilities(false).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, cfg))
 }
 
-async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
+async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
+    let proxy = Proxy::new(&cfg).context("starting the proxy")?;
+    tracing::info!(config = ?cfg, "effective configuration");
     let mut capturer = Capturer::load().context("loading eBPF capture")?;
     let netns = NetNs::current()?;
     let listener = Arc::new(
-        CapturedListener::bind(&netns, args.listener_port, capturer.orig_dst_table())
+        CapturedListener::bind(&netns, cfg.capture.listener_port, capturer.orig_dst_table())
             .context("opening the capture listener")?,
     );
-    let root = capture::find_cgroup2_mount()?;
-    let parent = root.join(EXEC_CGROUP_PARENT);
+    let cgroup2 = Cgroup2Mount::find_or_mount()?;
+    let parent = cgroup2.path().join(EXEC_CGROUP_PARENT);
     if !parent.exists() {
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     let cgroup = Cgroup::create(parent.join(format!("exec-{}", std::process::id())))?;
-    let settings = CaptureSettings::new(args.capture_ports.clone(), listener.ports().port);
+    let settings = CaptureSettings::new(cfg.capture.ports.clone(), listener.ports().port);
     let attachment = capturer.attach(&cgroup, &settings)?;
     tracing::info!(
         cgroup = %cgroup.path().display(),
@@ -61,7 +65,7 @@ async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         "capturing"
     );
 
-    let serve = tokio::spawn(accept_loop(listener.clone()));
+    let serve = tokio::spawn(accept_loop(listener.clone(), proxy));
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
         .await
@@ -69,26 +73,19 @@ async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     serve.abort();
     capturer.detach(attachment);
     drop(cgroup);
+    drop(cgroup2);
     Ok(exit_code(status))
 }
 
-async fn accept_loop(listener: Arc<CapturedListener>) {
+async fn accept_loop(listener: Arc<CapturedListener>, proxy: Proxy) {
     loop {
         match listener.accept().await {
             Ok((stream, orig, client)) => {
-                tokio::spawn(async move {
-                    match tokio::net::TcpStream::connect(orig.0).await {
-                        Ok(mut upstream) => {
-                            let mut stream = stream;
-                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(%orig, %client, error = %e, "upstream connect failed")
-                        }
-                    }
-                });
+                let proxy = proxy.clone();
+                tokio::spawn(async move { proxy.serve(stream, orig, client).await });
             }
             Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }

@@ -3,11 +3,32 @@
 //! Every source implements [`IdentitySource`]; a rule in the config names its source with
 //! `source = { kind = "...", ... }` ([`SourceConfig`]). A token value lives only inside [`Token`],
 //! whose `Debug`/`Display` print `<redacted>`, so it cannot reach a log record by accident.
-use std::{fmt, future::Future, path::PathBuf, pin::Pin, sync::Arc};
+//!
+//! Sources: [`file`] (re-read per request), [`token_request`] (Kubernetes TokenRequest),
+//! [`spiffe`] (JWT-SVIDs), [`exchange`] (OAuth token exchange / JWT client assertion of an inner
+//! source). The fetching ones share one [`TokenCache`] (through [`IdentityContext`]) and reach the
+//! network only through the hardened [`http::HttpClient`]. Config reference: `identity/README.md`.
+use std::{
+    fmt,
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
+use base64::Engine as _;
 use serde::Deserialize;
 
+pub mod cache;
+pub mod exchange;
 pub mod file;
+pub mod http;
+pub mod spiffe;
+pub mod token_request;
+
+pub use cache::{CachePolicy, TokenCache};
+pub use http::HttpSettings;
 
 /// A bearer credential. Constructed only through [`Token::parse`], which rejects anything that
 /// could split or smuggle a header.
@@ -93,6 +114,23 @@ pub enum IdentityError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("invalid identity source config: {0}")]
+    Config(String),
+    #[error("{origin}: {source}")]
+    Http {
+        origin: String,
+        #[source]
+        source: http::HttpError,
+    },
+    /// An OAuth error response; both fields are already sanitized (printable ASCII, truncated).
+    #[error("{origin}: token endpoint refused: {code}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    OAuth {
+        origin: String,
+        code: String,
+        description: Option<String>,
+    },
+    #[error("{origin}: unexpected response: {detail}")]
+    Protocol { origin: String, detail: String },
 }
 
 pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, IdentityError>> + Send + 'a>>;
@@ -111,13 +149,104 @@ pub trait IdentitySource: Send + Sync + fmt::Debug {
 pub enum SourceConfig {
     /// A projected ServiceAccount token (or any token file), re-read on every request.
     File { path: PathBuf },
+    /// A Kubernetes TokenRequest for a ServiceAccount, cached until near expiry.
+    TokenRequest(token_request::TokenRequestConfig),
+    /// A JWT-SVID from the SPIFFE Workload API.
+    Spiffe(spiffe::SpiffeConfig),
+    /// An OAuth token exchange (RFC 8693) or JWT client assertion (RFC 7523) of an inner token.
+    Exchange(exchange::ExchangeConfig),
 }
 
-/// Builds the runtime source for a rule's configuration.
-pub fn build_source(cfg: &SourceConfig) -> Result<Arc<dyn IdentitySource>, IdentityError> {
-    match cfg {
-        SourceConfig::File { path } => Ok(Arc::new(file::FileSource::new(path.clone()))),
+/// The pod a token is requested for, when the agent knows it (binds TokenRequest tokens).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: Option<String>,
+}
+
+/// What all sources built by one agent share: the single token cache, timeouts, defaults.
+#[derive(Debug, Clone)]
+pub struct IdentityContext {
+    pub cache: Arc<TokenCache>,
+    pub http: HttpSettings,
+    /// Where the mounted ServiceAccount files (`namespace`, `token`, `ca.crt`) live.
+    pub service_account_dir: PathBuf,
+    /// Default Workload API socket (`ROBIN_SPIFFE_SOCKET`), used when a rule names none.
+    pub spiffe_socket: Option<PathBuf>,
+    pub pod: Option<PodRef>,
+}
+
+/// Default Workload API socket for `spiffe` sources.
+pub const ENV_SPIFFE_SOCKET: &str = "ROBIN_SPIFFE_SOCKET";
+pub const DEFAULT_SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl IdentityContext {
+    pub fn new(policy: CachePolicy) -> Self {
+        Self {
+            cache: Arc::new(TokenCache::new(policy)),
+            http: HttpSettings::default(),
+            service_account_dir: PathBuf::from(DEFAULT_SERVICE_ACCOUNT_DIR),
+            spiffe_socket: None,
+            pod: None,
+        }
     }
+
+    /// Production defaults, with the socket taken from `lookup(ENV_SPIFFE_SOCKET)`; pass
+    /// `|k| std::env::var(k).ok()` in `main`, a map in tests.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let mut ctx = Self::new(CachePolicy::default());
+        ctx.spiffe_socket = lookup(ENV_SPIFFE_SOCKET)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        ctx
+    }
+}
+
+/// Builds the runtime source for a rule's configuration, sharing one process-wide context
+/// (environment defaults, one cache). Prefer [`build_source_with`] where a context is at hand.
+pub fn build_source(cfg: &SourceConfig) -> Result<Arc<dyn IdentitySource>, IdentityError> {
+    static DEFAULT: OnceLock<IdentityContext> = OnceLock::new();
+    let ctx = DEFAULT.get_or_init(|| IdentityContext::from_env(|k| std::env::var(k).ok()));
+    build_source_with(cfg, ctx)
+}
+
+/// Builds the runtime source for a rule's configuration within `ctx`.
+pub fn build_source_with(
+    cfg: &SourceConfig,
+    ctx: &IdentityContext,
+) -> Result<Arc<dyn IdentitySource>, IdentityError> {
+    Ok(match cfg {
+        SourceConfig::File { path } => Arc::new(file::FileSource::new(path.clone())),
+        SourceConfig::TokenRequest(c) => Arc::new(token_request::TokenRequestSource::new(c, ctx)?),
+        SourceConfig::Spiffe(c) => Arc::new(spiffe::SpiffeSource::new(c, ctx)?),
+        SourceConfig::Exchange(c) => Arc::new(exchange::ExchangeSource::new(c, ctx)?),
+    })
+}
+
+/// The claims of a JWT we care about, read without verifying the signature: the token is our
+/// own (or the workload's), we only want to know when to refresh it.
+#[derive(Debug, Default, Deserialize)]
+pub struct JwtClaims {
+    pub exp: Option<i64>,
+    pub sub: Option<String>,
+}
+
+/// Decodes the payload of a compact JWT; `None` when it is not one.
+pub fn jwt_claims(token: &Token) -> Option<JwtClaims> {
+    let payload = token.expose().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Remaining lifetime from a JWT `exp` claim (zero when already past).
+pub fn jwt_lifetime(token: &Token) -> Option<Duration> {
+    let exp = jwt_claims(token)?.exp?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(Duration::from_secs(exp.saturating_sub(now).max(0) as u64))
 }
 
 #[cfg(test)]
@@ -155,5 +284,59 @@ mod tests {
     fn debug_and_display_redact() {
         let t = Token::parse("s3cr3t-value").unwrap();
         assert!(!format!("{t:?} {t}").contains("s3cr3t"));
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Rule {
+        source: SourceConfig,
+    }
+
+    /// Keeps the config reference honest: every example in it must parse.
+    #[test]
+    fn readme_examples_parse() {
+        let readme = include_str!("identity/README.md");
+        let examples: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .collect();
+        assert_eq!(examples.len(), 6);
+        for ex in examples {
+            toml::from_str::<Rule>(ex).unwrap_or_else(|e| panic!("{ex}: {e}"));
+        }
+    }
+
+    #[test]
+    fn nested_exchange_parses_and_unknown_fields_are_rejected() {
+        let rule: Rule = toml::from_str(
+            r#"source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https://sts/t", inner = { kind = "spiffe", audience = "sts" } }"#,
+        )
+        .unwrap();
+        let SourceConfig::Exchange(x) = rule.source else {
+            panic!("not an exchange");
+        };
+        assert_eq!(x.grant, exchange::Grant::TokenExchange);
+        assert!(matches!(*x.inner, SourceConfig::Spiffe(_)));
+        for bad in [
+            r#"source = { kind = "file", path = "/t", extra = 1 }"#,
+            r#"source = { kind = "spiffe", audience = "a", audiences = ["b"] }"#,
+            r#"source = { kind = "exchange", grant = "password", token_endpoint = "https://sts/t", inner = { kind = "file", path = "/t" } }"#,
+            r#"source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https://sts/t", inner = { kind = "file", path = "/t", x = 1 } }"#,
+            r#"source = { kind = "ldap" }"#,
+        ] {
+            assert!(toml::from_str::<Rule>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jwt_claims_are_read_without_verification() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"exp":4102444800,"sub":"system:serviceaccount:a:b"}"#);
+        let t = Token::parse(&format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")).unwrap();
+        let c = jwt_claims(&t).unwrap();
+        assert_eq!(c.exp, Some(4102444800));
+        assert_eq!(c.sub.as_deref(), Some("system:serviceaccount:a:b"));
+        assert!(jwt_lifetime(&t).unwrap() > Duration::from_secs(86400));
+        assert!(jwt_claims(&Token::parse("opaque").unwrap()).is_none());
     }
 }

@@ -28,6 +28,9 @@ enum LogFormat {
 enum Command {
     /// Run a command in a transient cgroup whose outbound connects Robin captures.
     Exec(robin_agent::exec::ExecArgs),
+    /// Serve the cluster's OIDC discovery document and JWKS to external brokers, fetched with
+    /// this pod's ServiceAccount token (no anonymous auth needed).
+    OidcGateway(robin_agent::oidc_gateway::GatewayArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Exec(args) => robin_agent::exec::main(args),
+        Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
     };
     match result {
         Ok(code) => code,

@@ -376,8 +376,6 @@ impl Pki {
             );
         };
         ca("robin-ca", "Test Robin CA");
-        openssl(dir, &["pkcs8", "-topk8", "-nocrypt", "-in", "robin-ca.key", "-out", "robin-ca.p8"]);
-        std::fs::rename(dir.join("robin-ca.p8"), dir.join("robin-ca.key")).expect("rename key");
         ca("upstream-ca", "Test Upstream CA");
         ca("rogue-ca", "Test Rogue CA");
         let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();

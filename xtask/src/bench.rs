@@ -79,7 +79,10 @@ impl Drop for World {
             let _ = child.wait();
         }
         for ns in [CLIENT_NS, UPSTREAM_NS] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -273,7 +276,10 @@ fn build_world(s: &Settings) -> anyhow::Result<World> {
         children: Vec::new(),
     };
     for ns in [CLIENT_NS, UPSTREAM_NS] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
     }
     sh(&format!(
         "ip netns add {CLIENT_NS}; ip netns add {UPSTREAM_NS}
@@ -551,7 +557,7 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         }
     };
     ensure_tools()?;
-    let robin_bin = build_robin()?;
+    let robin_bin = build_robin(true)?;
     let world = build_world(&s)?;
     let config = world.dir.join("robin.toml");
     let robin = Some((robin_bin.as_path(), config.as_path()));

@@ -58,7 +58,10 @@ impl Drop for World {
             let _ = child.wait();
         }
         for ns in [POD_NS, UPSTREAM_NS] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -122,7 +125,7 @@ fn step(text: &str) {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    let robin = build_robin()?;
+    let robin = build_robin(false)?;
     let dir = std::env::temp_dir().join(format!("robin-demo-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let mut world = World {
@@ -130,7 +133,10 @@ pub fn run() -> anyhow::Result<()> {
         upstream: None,
     };
     for ns in [POD_NS, UPSTREAM_NS] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
     }
 
     step("A pre-provisioned Robin CA, and an upstream with its own CA");
@@ -287,6 +293,7 @@ source = {{ kind = "file", path = "{token}" }}
         .arg("--config")
         .arg(&config)
         .args(["--", "sh", "-ec", &workload])
+        .env("ROBIN_LOG", "warn")
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
         .env_remove("HTTP_PROXY")

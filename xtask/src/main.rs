@@ -83,13 +83,23 @@ pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the `robin` binary and returns its path.
-pub fn build_robin() -> anyhow::Result<PathBuf> {
-    status(cargo().args(["build", "-p", "robin-agent", "--bin", "robin"]))?;
+/// Builds the `robin` binary (debug for tests and the demo, release for benchmarks) and
+/// returns its path.
+pub fn build_robin(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "robin-agent", "--bin", "robin"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug/robin"))
+    Ok(target.join(if release {
+        "release/robin"
+    } else {
+        "debug/robin"
+    }))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
@@ -99,7 +109,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if euid.trim() != "0" {
         bail!("the privileged tests (eBPF attach, netns, cgroups) must run as root");
     }
-    let robin = build_robin()?;
+    let robin = build_robin(false)?;
     manifests()?;
     // Privileged tests share kernel state (cgroup2 tree, netns names); two threads keep the
     // suite quick while every world is uniquely named.

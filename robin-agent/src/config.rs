@@ -1,0 +1,715 @@
+//! The agent's configuration: a TOML file whose scalars can be overridden by `ROBIN_*`
+//! environment variables and by flags (flags > env > file), validated once at start-up.
+//!
+//! Host patterns: `broker.example.com` matches exactly; `*.api.example.com` matches exactly one
+//! extra leftmost label (`a.api.example.com`, not `api.example.com` nor `a.b.api.example.com`),
+//! as TLS wildcard certificates do.
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::{
+    identity::SourceConfig,
+    tls::{CertAuthority, TlsError},
+};
+
+pub const ENV_CONFIG: &str = "ROBIN_CONFIG";
+pub const ENV_CA_CERT: &str = "ROBIN_CA_CERT";
+pub const ENV_CA_KEY: &str = "ROBIN_CA_KEY";
+pub const ENV_UPSTREAM_ROOTS: &str = "ROBIN_UPSTREAM_ROOTS";
+pub const ENV_CAPTURE_PORTS: &str = "ROBIN_CAPTURE_PORTS";
+pub const ENV_LISTENER_PORT: &str = "ROBIN_LISTENER_PORT";
+
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+pub const DEFAULT_HEADER: &str = "Authorization";
+pub const DEFAULT_FORMAT: &str = "Bearer {token}";
+const PLACEHOLDER: &str = "{token}";
+
+/// Headers a rule may not set: framing, routing and hop-by-hop headers.
+const DENIED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Flags, each with its environment variable (clap's `env` feature gives flags > env).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long = "config", env = ENV_CONFIG, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PEM certificate of the CA that signs minted leaves.
+    #[arg(long, env = ENV_CA_CERT, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM PKCS#8 private key of that CA.
+    #[arg(long, env = ENV_CA_KEY, value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra PEM roots trusted upstream, in addition to the system roots.
+    #[arg(long, env = ENV_UPSTREAM_ROOTS, value_name = "FILE")]
+    pub upstream_roots: Option<PathBuf>,
+    /// Destination ports to capture, comma-separated.
+    #[arg(long, env = ENV_CAPTURE_PORTS, value_delimiter = ',', value_name = "PORTS")]
+    pub capture_ports: Option<Vec<u16>>,
+    /// Port of the proxy listener; 0 picks a free one.
+    #[arg(long, env = ENV_LISTENER_PORT, value_name = "PORT")]
+    pub listener_port: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0}: {1}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("{key}: {source}")]
+    Ca {
+        key: &'static str,
+        #[source]
+        source: TlsError,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---- the file, as written ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default)]
+    inject: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    upstream_roots: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    ports: Option<Vec<u16>>,
+    listener_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    hosts: Vec<String>,
+    source: SourceConfig,
+    header: Option<String>,
+    format: Option<String>,
+}
+
+// ---- the validated config ----
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub tls: TlsSettings,
+    pub capture: CaptureSettings,
+    pub inject: Vec<InjectRule>,
+}
+
+/// Paths plus the loaded CA. `Debug` shows paths only; the CA's own `Debug` redacts its key.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub upstream_roots: Option<PathBuf>,
+    pub ca: Arc<CertAuthority>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureSettings {
+    pub ports: Vec<u16>,
+    /// 0 = pick a free port.
+    pub listener_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectRule {
+    pub hosts: Vec<HostPattern>,
+    pub source: SourceConfig,
+    /// Lower-case, validated.
+    pub header: HeaderName,
+    pub format: TokenFormat,
+}
+
+impl InjectRule {
+    pub fn matches(&self, host: &str) -> bool {
+        self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// A short label for logs: the first host pattern.
+    pub fn label(&self) -> String {
+        self.hosts
+            .first()
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// A lower-case host name, or `*.` followed by one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// `*.suffix`, stored without the `*.`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let host = raw.trim().to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        let (wild, rest) = match host.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, host),
+        };
+        if rest.contains('*') || host == "*" {
+            return Err(format!(
+                "{raw:?}: a wildcard must be a whole leftmost label, as in \"*.example.com\""
+            ));
+        }
+        if !crate::tls::mint::is_dns_name(rest) {
+            return Err(format!("{raw:?} is not a valid host name"));
+        }
+        Ok(if wild {
+            Self::Wildcard(rest.to_owned())
+        } else {
+            Self::Exact(rest.to_owned())
+        })
+    }
+
+    /// `host` must already be lower-case without port or trailing dot (see [`normalize_host`]).
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(h) => h == host,
+            Self::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .and_then(|l| l.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(h) => f.write_str(h),
+            Self::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// Lower-cases a Host/SNI value and removes a port and a trailing dot.
+pub fn normalize_host(raw: &str) -> String {
+    let raw = raw.trim();
+    let host = if raw.starts_with('[') {
+        raw.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        raw.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(raw, |(h, _)| h)
+            .to_owned()
+    };
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    host.to_ascii_lowercase()
+}
+
+/// `format` split around its single `{token}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenFormat {
+    pub prefix: String,
+    pub suffix: String,
+}
+
+impl TokenFormat {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut parts = raw.split(PLACEHOLDER);
+        let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("must contain {PLACEHOLDER} exactly once"));
+        };
+        if let Some(b) = raw
+            .bytes()
+            .find(|&b| !(b == b'\t' || (0x20..0x7f).contains(&b)))
+        {
+            return Err(format!(
+                "contains byte 0x{b:02x}, not allowed in a header value"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            suffix: suffix.to_owned(),
+        })
+    }
+
+    /// The header value for `token`. Tokens are token68 (see `Token::parse`) and the format was
+    /// checked, so the result is always a valid header value.
+    pub fn render(&self, token: &str) -> String {
+        let mut v = String::with_capacity(self.prefix.len() + token.len() + self.suffix.len());
+        v.push_str(&self.prefix);
+        v.push_str(token);
+        v.push_str(&self.suffix);
+        v
+    }
+}
+
+fn parse_header(raw: &str) -> Result<HeaderName, String> {
+    let name = HeaderName::from_bytes(raw.as_bytes())
+        .map_err(|_| format!("{raw:?} is not a valid header name"))?;
+    if DENIED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+        return Err(format!(
+            "{raw:?} controls framing or routing and cannot be set"
+        ));
+    }
+    Ok(name)
+}
+
+/// Loads the file named by `--config`/`ROBIN_CONFIG` (if any), applies overrides, validates, and
+/// loads the CA.
+pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
+    let text = match &args.config {
+        Some(path) => {
+            Some(std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?)
+        }
+        None => None,
+    };
+    let path = args.config.as_deref().unwrap_or(Path::new("<none>"));
+    from_toml(text.as_deref().unwrap_or(""), path, args)
+}
+
+/// As [`load`], from TOML text; `path` only labels errors.
+pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        // toml's message spans several lines with a source excerpt; keep the first.
+        let msg = e.message().lines().next().unwrap_or_default().to_owned();
+        let at = e
+            .span()
+            .map(|s| line_of(text, s.start))
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        ConfigError::Parse(path.to_owned(), format!("{msg}{at}"))
+    })?;
+
+    let ca_cert = args.ca_cert.clone().or(raw.tls.ca_cert).ok_or_else(|| {
+        invalid(
+            "tls.ca_cert",
+            format!("required (or --ca-cert / {ENV_CA_CERT})"),
+        )
+    })?;
+    let ca_key = args.ca_key.clone().or(raw.tls.ca_key).ok_or_else(|| {
+        invalid(
+            "tls.ca_key",
+            format!("required (or --ca-key / {ENV_CA_KEY})"),
+        )
+    })?;
+    let upstream_roots = args.upstream_roots.clone().or(raw.tls.upstream_roots);
+    if let Some(roots) = &upstream_roots {
+        crate::tls::UpstreamTls::from_pem_roots(&std::fs::read(roots).map_err(|e| {
+            invalid(
+                "tls.upstream_roots",
+                format!("reading {}: {e}", roots.display()),
+            )
+        })?)
+        .map_err(|e| ConfigError::Ca {
+            key: "tls.upstream_roots",
+            source: e,
+        })?;
+    }
+    let ca = CertAuthority::load(&ca_cert, &ca_key).map_err(|e| ConfigError::Ca {
+        key: match e {
+            TlsError::BadKey(..) | TlsError::KeyMismatch { .. } => "tls.ca_key",
+            TlsError::Read(ref p, _) if *p == ca_key => "tls.ca_key",
+            _ => "tls.ca_cert",
+        },
+        source: e,
+    })?;
+
+    let ports = args
+        .capture_ports
+        .clone()
+        .or(raw.capture.ports)
+        .unwrap_or_else(|| DEFAULT_PORTS.to_vec());
+    if ports.is_empty() || ports.contains(&0) {
+        return Err(invalid(
+            "capture.ports",
+            "must list at least one port, none of them 0",
+        ));
+    }
+    let listener_port = args
+        .listener_port
+        .or(raw.capture.listener_port)
+        .unwrap_or(0);
+
+    let mut inject = Vec::with_capacity(raw.inject.len());
+    for (i, rule) in raw.inject.into_iter().enumerate() {
+        let key = |k: &str| format!("inject[{i}].{k}");
+        if rule.hosts.is_empty() {
+            return Err(invalid(key("hosts"), "must list at least one host"));
+        }
+        let hosts = rule
+            .hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|r| invalid(key("hosts"), r))?;
+        let header = parse_header(rule.header.as_deref().unwrap_or(DEFAULT_HEADER))
+            .map_err(|r| invalid(key("header"), r))?;
+        let format = TokenFormat::parse(rule.format.as_deref().unwrap_or(DEFAULT_FORMAT))
+            .map_err(|r| invalid(key("format"), r))?;
+        inject.push(InjectRule {
+            hosts,
+            source: rule.source,
+            header,
+            format,
+        });
+    }
+
+    Ok(Config {
+        tls: TlsSettings {
+            ca_cert,
+            ca_key,
+            upstream_roots,
+            ca: Arc::new(ca),
+        },
+        capture: CaptureSettings {
+            ports,
+            listener_port,
+        },
+        inject,
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("robin-config-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (cert, key) = crate::tls::tests::test_ca("Config CA");
+            std::fs::write(dir.join("ca.crt"), cert).unwrap();
+            std::fs::write(dir.join("ca.key"), key).unwrap();
+            Self(dir)
+        }
+
+        fn toml(&self, body: &str) -> String {
+            format!(
+                "[tls]\nca_cert = {:?}\nca_key = {:?}\n{body}",
+                self.0.join("ca.crt"),
+                self.0.join("ca.key")
+            )
+        }
+
+        fn load(&self, body: &str) -> Result<Config, ConfigError> {
+            from_toml(
+                &self.toml(body),
+                Path::new("t.toml"),
+                &ConfigArgs::default(),
+            )
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn err_line(r: Result<Config, ConfigError>) -> String {
+        let e = r.unwrap_err().to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    }
+
+    const RULE: &str = r#"
+[[inject]]
+hosts = ["Broker.Example.com", "*.api.example.com"]
+source = { kind = "file", path = "/tok" }
+"#;
+
+    #[test]
+    fn full_example_with_defaults() {
+        let s = Scratch::new("full");
+        let c = s.load(RULE).unwrap();
+        assert_eq!(c.capture.ports, vec![80, 443]);
+        assert_eq!(c.capture.listener_port, 0);
+        let r = &c.inject[0];
+        assert_eq!(r.header.as_str(), "authorization");
+        assert_eq!(r.format.render("T"), "Bearer T");
+        assert_eq!(r.hosts[0], HostPattern::Exact("broker.example.com".into()));
+        assert_eq!(
+            r.source,
+            SourceConfig::File {
+                path: "/tok".into()
+            }
+        );
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("PRIVATE KEY") && dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_everywhere() {
+        let s = Scratch::new("unknown");
+        for body in [
+            "extra = 1",
+            "[capture]\nportz = [1]",
+            "[[inject]]\nhosts=[\"a.b\"]\nsource={kind=\"file\",path=\"/t\"}\nheadr=\"x\"",
+            "[[inject]]\nhosts=[\"a.b\"]\nsource={kind=\"file\",path=\"/t\",mode=1}",
+        ] {
+            let e = err_line(s.load(body));
+            assert!(e.contains("unknown"), "{body}: {e}");
+        }
+        let e = err_line(from_toml(
+            "[tls]\nca_certt = \"x\"",
+            Path::new("t.toml"),
+            &ConfigArgs::default(),
+        ));
+        assert!(e.contains("ca_certt") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn ca_problems_name_the_key() {
+        let s = Scratch::new("ca");
+        let missing = format!(
+            "[tls]\nca_cert = {:?}\nca_key = {:?}\n",
+            s.0.join("nope.crt"),
+            s.0.join("ca.key")
+        );
+        let e = err_line(from_toml(&missing, Path::new("t"), &ConfigArgs::default()));
+        assert!(e.starts_with("tls.ca_cert: reading"), "{e}");
+
+        let (_, other_key) = crate::tls::tests::test_ca("Other");
+        std::fs::write(s.0.join("other.key"), other_key).unwrap();
+        let args = ConfigArgs {
+            ca_key: Some(s.0.join("other.key")),
+            ..Default::default()
+        };
+        let e = err_line(from_toml(&s.toml(""), Path::new("t"), &args));
+        assert!(
+            e.starts_with("tls.ca_key:") && e.contains("does not match"),
+            "{e}"
+        );
+
+        let e = err_line(from_toml("", Path::new("t"), &ConfigArgs::default()));
+        assert!(e.starts_with("tls.ca_cert: required"), "{e}");
+    }
+
+    #[test]
+    fn wildcards_only_as_whole_leftmost_label() {
+        assert!(HostPattern::parse("*.x.y").is_ok());
+        for bad in ["a*.x", "x.*.y", "*", "*.", "*.*.x", "a b.c", "", "x..y"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
+        let s = Scratch::new("wild");
+        let e = err_line(
+            s.load("[[inject]]\nhosts = [\"x.*.y\"]\nsource = { kind = \"file\", path = \"/t\" }"),
+        );
+        assert!(
+            e.starts_with("inject[0].hosts:") && e.contains("leftmost"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_matching() {
+        let exact = HostPattern::parse("Broker.Example.COM.").unwrap();
+        assert!(exact.matches("broker.example.com"));
+        assert!(!exact.matches("xbroker.example.com"));
+        let wild = HostPattern::parse("*.api.example.com").unwrap();
+        assert!(wild.matches("a.api.example.com"));
+        assert!(!wild.matches("api.example.com"));
+        assert!(!wild.matches("a.b.api.example.com"));
+        assert!(!wild.matches(".api.example.com"));
+        assert!(!wild.matches("aapi.example.com"));
+        assert_eq!(normalize_host("A.Example.com:8443"), "a.example.com");
+        assert_eq!(normalize_host("a.example.com."), "a.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn header_validation() {
+        let s = Scratch::new("header");
+        for bad in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "TE",
+            "Upgrade",
+            "Connection",
+            "bad header",
+            "x:y",
+            "",
+        ] {
+            let body = format!(
+                "[[inject]]\nhosts = [\"a.b\"]\nsource = {{ kind = \"file\", path = \"/t\" }}\nheader = {bad:?}"
+            );
+            let e = err_line(s.load(&body));
+            assert!(e.starts_with("inject[0].header:"), "{bad}: {e}");
+        }
+        let ok = "[[inject]]\nhosts = [\"a.b\"]\nsource = { kind = \"file\", path = \"/t\" }\nheader = \"X-Robin-Token\"";
+        assert_eq!(
+            s.load(ok).unwrap().inject[0].header.as_str(),
+            "x-robin-token"
+        );
+    }
+
+    #[test]
+    fn format_validation() {
+        assert!(TokenFormat::parse("{token}").is_ok());
+        assert_eq!(
+            TokenFormat::parse("Token t={token};v=1")
+                .unwrap()
+                .render("X"),
+            "Token t=X;v=1"
+        );
+        for bad in [
+            "Bearer",
+            "{token}{token}",
+            "Bearer {token}\r\nX: y",
+            "B\u{e9} {token}",
+            "{tok}",
+        ] {
+            assert!(TokenFormat::parse(bad).is_err(), "{bad:?}");
+        }
+        let s = Scratch::new("format");
+        let e = err_line(s.load(
+            "[[inject]]\nhosts = [\"a.b\"]\nsource = { kind = \"file\", path = \"/t\" }\nformat = \"Bearer\"",
+        ));
+        assert!(
+            e.starts_with("inject[0].format:") && e.contains("exactly once"),
+            "{e}"
+        );
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ConfigArgs,
+    }
+
+    /// Runs in a child process started by `env_overrides_file_and_flags_override_env`, which
+    /// sets the variables, so this process never calls `set_var`.
+    #[test]
+    #[ignore = "run by env_overrides_file_and_flags_override_env in a child process"]
+    fn env_child() {
+        let Ok(file) = std::env::var("ROBIN_TEST_CHILD_FILE") else {
+            return;
+        };
+        let c = load(
+            &Cli::try_parse_from(["robin", "--config", &file])
+                .unwrap()
+                .args,
+        )
+        .unwrap();
+        assert_eq!(c.capture.ports, vec![8443, 9443]);
+        assert_eq!(c.capture.listener_port, 15002);
+        let args = Cli::try_parse_from(["robin", "--listener-port", "15003"])
+            .unwrap()
+            .args;
+        assert_eq!(args.config.as_deref(), Some(Path::new("/from/env.toml")));
+        assert_eq!(args.listener_port, Some(15003));
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let s = Scratch::new("env");
+        let file = s.0.join("robin.toml");
+        std::fs::write(&file, s.toml("[capture]\nports = [1]\nlistener_port = 1\n")).unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "config::tests::env_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("ROBIN_TEST_CHILD_FILE", &file)
+            .env(ENV_CAPTURE_PORTS, "8443,9443")
+            .env(ENV_LISTENER_PORT, "15002")
+            .env(ENV_CONFIG, "/from/env.toml")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "{stdout}");
+    }
+
+    #[test]
+    fn ports_and_flag_precedence() {
+        let s = Scratch::new("flags");
+        let file = s.0.join("robin.toml");
+        std::fs::write(
+            &file,
+            s.toml("[capture]\nports = [8080]\nlistener_port = 15001\n"),
+        )
+        .unwrap();
+        let c = load(&ConfigArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.capture.ports.clone(), c.capture.listener_port),
+            (vec![8080], 15001)
+        );
+
+        let cli = Cli::try_parse_from([
+            "robin",
+            "--config",
+            file.to_str().unwrap(),
+            "--capture-ports",
+            "80,443,8443",
+            "--listener-port",
+            "0",
+        ])
+        .unwrap();
+        let c = load(&cli.args).unwrap();
+        assert_eq!(c.capture.ports, vec![80, 443, 8443]);
+        assert_eq!(c.capture.listener_port, 0);
+
+        let e = err_line(s.load("[capture]\nports = []"));
+        assert!(e.starts_with("capture.ports:"), "{e}");
+        let e = err_line(s.load("[capture]\nports = [70000]"));
+        assert!(e.contains("t.toml"), "{e}");
+    }
+}

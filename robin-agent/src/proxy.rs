@@ -1,0 +1,367 @@
+//! The userspace data path for one captured connection: sniff the first bytes, then either
+//! intercept (terminate TLS with a minted leaf, inject the workload's token, forward to the
+//! original destination over verified TLS) or splice bytes through untouched.
+use std::{
+    os::fd::AsFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http::{StatusCode, uri::Scheme};
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    capture::{ClientAddr, OrigDst},
+    config::{Config, InjectRule},
+    identity::{IdentityError, IdentitySource, build_source},
+    tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
+};
+
+mod inject;
+mod intercept;
+mod linger;
+mod rewind;
+pub mod sniff;
+mod splice;
+mod upstream;
+
+use rewind::{ByteCounts, Rewind};
+use sniff::Sniffed;
+use upstream::{Target, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("inject[{0}].source: {1}")]
+    Source(usize, #[source] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Bounds on what one connection may cost.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most bytes buffered while classifying a connection.
+    pub sniff_bytes: usize,
+    /// How long to wait for the first bytes before splicing.
+    pub sniff_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/1 read buffer, which bounds the request header section (hyper answers 431 past it;
+    /// at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Time allowed to receive a request's header section, including keep-alive idle time.
+    pub header_read_timeout: Duration,
+    /// HTTP/2 PING interval and timeout for idle or dead connections.
+    pub h2_keep_alive: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            sniff_bytes: 16 * 1024,
+            sniff_timeout: Duration::from_secs(5),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            h2_keep_alive: Duration::from_secs(30),
+            h2_max_concurrent_streams: 256,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters for metrics. Requests are counted by status class of what Robin answered the
+/// workload (including its own 502/503).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub conn_intercepted: AtomicU64,
+    pub conn_spliced: AtomicU64,
+    /// TLS handshake with the workload failed or timed out, or the HTTP connection errored.
+    pub conn_failed: AtomicU64,
+    /// Splice could not reach the original destination.
+    pub conn_splice_failed: AtomicU64,
+    pub requests_1xx: AtomicU64,
+    pub requests_2xx: AtomicU64,
+    pub requests_3xx: AtomicU64,
+    pub requests_4xx: AtomicU64,
+    pub requests_5xx: AtomicU64,
+    pub identity_errors: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+impl ProxyStats {
+    fn count_status(&self, s: StatusCode) {
+        let c = match s.as_u16() {
+            100..=199 => &self.requests_1xx,
+            200..=299 => &self.requests_2xx,
+            300..=399 => &self.requests_3xx,
+            400..=499 => &self.requests_4xx,
+            _ => &self.requests_5xx,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A rule with its identity source built.
+#[derive(Debug)]
+pub struct Rule {
+    pub cfg: InjectRule,
+    pub source: Arc<dyn IdentitySource>,
+    pub label: String,
+}
+
+struct Inner {
+    rules: Vec<Arc<Rule>>,
+    leaves: Arc<LeafCache>,
+    server_tls: Arc<ServerConfig>,
+    upstream_tls: UpstreamTls,
+    limits: Limits,
+    stats: Arc<ProxyStats>,
+    next_id: AtomicU64,
+}
+
+/// The proxy. Cheap to clone; all clones share rules, leaf cache and counters.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("rules", &self.inner.rules.len())
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Mode {
+    Intercept(Arc<Rule>, String),
+    Splice,
+}
+
+impl Proxy {
+    pub fn new(cfg: &Config) -> Result<Self, ProxyError> {
+        Self::with_limits(cfg, Limits::default())
+    }
+
+    pub fn with_limits(cfg: &Config, limits: Limits) -> Result<Self, ProxyError> {
+        let rules = cfg
+            .inject
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                Ok(Arc::new(Rule {
+                    cfg: r.clone(),
+                    source: build_source(&r.source).map_err(|e| ProxyError::Source(i, e))?,
+                    label: r.label(),
+                }))
+            })
+            .collect::<Result<Vec<_>, ProxyError>>()?;
+        let leaves = Arc::new(LeafCache::new(
+            cfg.tls.ca.clone(),
+            mint::DEFAULT_CACHE_CAPACITY,
+        ));
+        let server_tls = mint::server_config(leaves.clone())?;
+        let upstream_tls = UpstreamTls::new(cfg.tls.upstream_roots.as_deref())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                rules,
+                leaves,
+                server_tls,
+                upstream_tls,
+                limits,
+                stats: Arc::new(ProxyStats::default()),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> &ProxyStats {
+        &self.inner.stats
+    }
+
+    pub fn leaf_stats(&self) -> &LeafStats {
+        &self.inner.leaves.stats
+    }
+
+    fn rule_for(&self, host: &str) -> Option<Arc<Rule>> {
+        self.inner
+            .rules
+            .iter()
+            .find(|r| r.cfg.matches(host))
+            .cloned()
+    }
+
+    /// Handles one captured connection to completion.
+    pub async fn serve(&self, stream: TcpStream, orig: OrigDst, client: ClientAddr) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", id, %client, dst = %orig);
+        self.serve_inner(stream, orig, client)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_inner(&self, mut stream: TcpStream, orig: OrigDst, client: ClientAddr) {
+        let start = Instant::now();
+        let limits = &self.inner.limits;
+        let _ = stream.set_nodelay(true);
+        let (prefix, sniffed) =
+            match sniff::read_prefix(&mut stream, limits.sniff_bytes, limits.sniff_timeout).await {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!(error = %e, "reading first bytes failed");
+                    self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+        let (name, tls) = match &sniffed {
+            Sniffed::Tls { sni } => (sni.clone(), true),
+            Sniffed::Http { host } => (host.clone(), false),
+            Sniffed::Unknown => (None, false),
+        };
+        let mode = match &name {
+            Some(n) => match self.rule_for(n) {
+                Some(rule) => Mode::Intercept(rule, n.clone()),
+                None => Mode::Splice,
+            },
+            None => Mode::Splice,
+        };
+        let name_field = name.as_deref().unwrap_or("-");
+        match mode {
+            Mode::Splice => {
+                let res = splice::splice(stream, &prefix, orig, limits.connect_timeout).await;
+                let ms = start.elapsed().as_millis() as u64;
+                match res {
+                    Ok((up, down)) => {
+                        self.inner
+                            .stats
+                            .conn_spliced
+                            .fetch_add(1, Ordering::Relaxed);
+                        info!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
+                    }
+                    Err(e) => {
+                        self.inner
+                            .stats
+                            .conn_splice_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
+                    }
+                }
+            }
+            Mode::Intercept(rule, name) => {
+                self.inner
+                    .stats
+                    .conn_intercepted
+                    .fetch_add(1, Ordering::Relaxed);
+                let counts = Arc::new(ByteCounts::default());
+                counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+                // A second descriptor keeps the socket alive after hyper drops its own.
+                let linger = stream.as_fd().try_clone_to_owned().ok();
+                let io = Rewind::new(prefix, stream, counts.clone());
+                let label = rule.label.clone();
+                let res = self.intercept(io, orig, rule, name.clone(), tls).await;
+                if let Some(fd) = linger {
+                    tokio::spawn(linger::lingering_close(fd));
+                }
+                let ms = start.elapsed().as_millis() as u64;
+                let up = counts.up.load(Ordering::Relaxed);
+                let down = counts.down.load(Ordering::Relaxed);
+                match res {
+                    Ok(()) => {
+                        info!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
+                    }
+                    Err(e) => {
+                        self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn intercept(
+        &self,
+        io: Rewind<TcpStream>,
+        orig: OrigDst,
+        rule: Arc<Rule>,
+        name: String,
+        tls: bool,
+    ) -> Result<(), String> {
+        let limits = &self.inner.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.h2_keep_alive)
+            .keep_alive_timeout(limits.h2_keep_alive)
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+
+        let target = |alpn| Target {
+            dst: orig,
+            tls_name: tls.then(|| name.clone()),
+            alpn,
+            connect_timeout: limits.connect_timeout,
+        };
+        let ctx = |alpn, scheme| {
+            Arc::new(intercept::ConnCtx {
+                rule: rule.clone(),
+                name: name.clone(),
+                scheme,
+                upstream: Upstream::new(target(alpn), self.inner.upstream_tls.clone()),
+                stats: self.inner.stats.clone(),
+            })
+        };
+
+        if !tls {
+            let ctx = ctx(Alpn::Http1, Scheme::HTTP);
+            let span = tracing::Span::current();
+            let svc =
+                service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+            return builder
+                .http1_only()
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .await
+                .map_err(|e| format!("serving http: {e}"));
+        }
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.server_tls.clone());
+        let stream = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
+            .await
+            .map_err(|_| "tls handshake with workload timed out".to_owned())?
+            .map_err(|e| format!("tls handshake with workload: {e}"))?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let (alpn, builder) = if h2 {
+            (Alpn::H2, builder.http2_only())
+        } else {
+            (Alpn::Http1, builder.http1_only())
+        };
+        let ctx = ctx(alpn, Scheme::HTTPS);
+        // hyper runs each h2 stream on its own task: carry the connection span explicitly.
+        let span = tracing::Span::current();
+        let svc =
+            service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+        builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .await
+            .map_err(|e| format!("serving https: {e}"))
+    }
+}

@@ -1,0 +1,141 @@
+//! Header surgery on forwarded messages: the injected credential and hop-by-hop headers.
+use http::{
+    HeaderMap, HeaderName, HeaderValue,
+    header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE},
+};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Replaces every instance of `name` (header names are case-insensitive, so the map already
+/// folds case) with exactly one `value`, marked sensitive so HPACK never indexes it.
+pub fn set_credential(headers: &mut HeaderMap, name: &HeaderName, mut value: HeaderValue) {
+    value.set_sensitive(true);
+    // `insert` drops every existing value for the name.
+    headers.insert(name.clone(), value);
+}
+
+/// True when `Connection` lists `upgrade` and an `Upgrade` header is present (HTTP/1.1 only).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection`, `Connection`
+/// itself, `Keep-Alive`, `Proxy-*`, `Transfer-Encoding`, `TE` unless it is exactly `trailers`
+/// (gRPC needs it end to end), and `Upgrade`. When `upgrade` is set, the message is an upgrade
+/// handshake being relayed, so `Connection: upgrade` and `Upgrade` are rebuilt as the only
+/// connection options.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<String> = connection_tokens(headers).collect();
+    for name in named {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+            && !(upgrade && name == UPGRADE)
+        {
+            headers.remove(name);
+        }
+    }
+    headers.remove(CONNECTION);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for k in proxy {
+        headers.remove(k);
+    }
+    let te_trailers = headers.get_all(TE).iter().count() == 1
+        && headers
+            .get(TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(TE);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn credential_replaces_all_instances() {
+        let mut h = map(&[
+            ("Authorization", "placeholder"),
+            ("authorization", "second"),
+            ("x-other", "1"),
+        ]);
+        let name = HeaderName::from_static("authorization");
+        set_credential(&mut h, &name, HeaderValue::from_static("Bearer t"));
+        let all: Vec<_> = h.get_all(&name).iter().collect();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0], "Bearer t");
+        assert!(all[0].is_sensitive());
+        assert_eq!(h.get("x-other").unwrap(), "1");
+    }
+
+    #[test]
+    fn strips_hop_by_hop() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Custom"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom", "1"),
+            ("proxy-authorization", "secret"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("content-length", "3"),
+            ("x-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-length", "x-end"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_handshake() {
+        let mut h = map(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get(TE).unwrap(), "trailers");
+
+        let mut h = map(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get("sec-websocket-key").unwrap(), "k");
+        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+}
