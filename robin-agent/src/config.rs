@@ -624,10 +624,10 @@ source = { kind = "file", path = "/tok" }
         args: ConfigArgs,
     }
 
-    /// Runs in a child process started by `env_overrides_file_and_flags_override_env`, which
-    /// sets the variables, so this process never calls `set_var`.
+    /// The child half of `env_overrides_file_and_flags_override_env`: that test re-runs this
+    /// binary with the variables set (so no process calls `set_var`); in a normal run there is no
+    /// `ROBIN_TEST_CHILD_FILE` and this returns at once.
     #[test]
-    #[ignore = "run by env_overrides_file_and_flags_override_env in a child process"]
     fn env_child() {
         let Ok(file) = std::env::var("ROBIN_TEST_CHILD_FILE") else {
             return;
@@ -653,12 +653,7 @@ source = { kind = "file", path = "/tok" }
         let file = s.0.join("robin.toml");
         std::fs::write(&file, s.toml("[capture]\nports = [1]\nlistener_port = 1\n")).unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "config::tests::env_child",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", "config::tests::env_child", "--nocapture"])
             .env("ROBIN_TEST_CHILD_FILE", &file)
             .env(ENV_CAPTURE_PORTS, "8443,9443")
             .env(ENV_LISTENER_PORT, "15002")

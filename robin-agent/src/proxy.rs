@@ -272,7 +272,9 @@ impl Proxy {
                 let io = Rewind::new(prefix, stream, counts.clone());
                 let label = rule.label.clone();
                 let res = self.intercept(io, orig, rule, name.clone(), tls).await;
-                if let Some(fd) = linger {
+                // Only an error close needs it (a 431 or 400 with the client still sending);
+                // after an upgrade the tunnel still owns the socket.
+                if let (Some(fd), true) = (linger, res.is_err()) {
                     tokio::spawn(linger::lingering_close(fd));
                 }
                 let ms = start.elapsed().as_millis() as u64;

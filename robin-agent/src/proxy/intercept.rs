@@ -23,7 +23,7 @@ use super::{
     inject::{set_credential, strip_hop_by_hop, wants_upgrade},
     upstream::{Proto, Upstream},
 };
-use crate::config::normalize_host;
+use crate::{config::normalize_host, identity::IdentityError};
 
 pub type Body = Either<Incoming, Full<Bytes>>;
 
@@ -37,8 +37,8 @@ pub struct ConnCtx {
     pub stats: Arc<ProxyStats>,
 }
 
-fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
+fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(msg.into())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -99,10 +99,17 @@ async fn forward(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
             Err(e) => {
                 ctx.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(source = %ctx.rule.source.describe(), error = %e, "identity unavailable, answering 503");
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "robin: workload identity unavailable\n",
-                );
+                // The OAuth error code is already sanitized (printable ASCII, truncated) and
+                // tells the workload's operator why; nothing else about the source is shown.
+                let reason = match &e {
+                    IdentityError::OAuth { code, .. } => {
+                        format!(
+                            "robin: workload identity unavailable: token endpoint error {code}\n"
+                        )
+                    }
+                    _ => "robin: workload identity unavailable\n".to_owned(),
+                };
+                return text(StatusCode::SERVICE_UNAVAILABLE, reason);
             }
         };
         let Ok(value) = HeaderValue::from_str(&ctx.rule.cfg.format.render(token.expose())) else {
