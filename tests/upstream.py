@@ -9,6 +9,7 @@ import json
 import ssl
 import sys
 import time
+import urllib.parse
 
 
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -58,6 +59,8 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.reply(entry)
 
     def do_POST(self):
+        if self.path == "/token":
+            return self.token_endpoint()
         remaining = int(self.headers.get("Content-Length", "0"))
         total = 0
         while remaining > 0:
@@ -67,6 +70,30 @@ class Echo(http.server.BaseHTTPRequestHandler):
             total += len(chunk)
             remaining -= len(chunk)
         self.reply(self.record({"received": total}))
+
+    def token_endpoint(self):
+        """An OAuth 2.0 token endpoint (RFC 8693 token exchange) that trades a subject token."""
+        length = int(self.headers.get("Content-Length", "0"))
+        form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+        form = {k: v[0] for k, v in form.items()}
+        self.record({"form": form})
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange":
+            body, status = {"error": "unsupported_grant_type"}, 400
+        else:
+            subject = form.get("subject_token", "")
+            body = {
+                "access_token": "exchanged." + subject + "." + form.get("audience", "none"),
+                "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                "token_type": "Bearer",
+                "expires_in": 300,
+            }
+            status = 200
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, *args):
         pass

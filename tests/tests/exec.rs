@@ -17,6 +17,8 @@ const WILD: &str = "eu.wild.test";
 const PASSTHROUGH: &str = "other.test";
 const ROGUE: &str = "rogue.test";
 const DEAD: &str = "dead.test";
+const BROKER: &str = "broker.test";
+const AUTH: &str = "auth.test";
 const TOKEN: &str = "tok-ALPHA.123_secret";
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -64,7 +66,10 @@ impl ExecWorld {
         require_privileges();
         let topo = Topology::new(1);
         let dir = TempDir::new("exec");
-        let pki = Pki::new(dir.path(), &[RULED, WILD, PASSTHROUGH, ROGUE, DEAD]);
+        let pki = Pki::new(
+            dir.path(),
+            &[RULED, WILD, PASSTHROUGH, ROGUE, DEAD, BROKER, AUTH],
+        );
         let up: IpAddr = topo.upstream_ip4.into();
         let dead: IpAddr = topo.extra_upstream_ip4[0].into();
         pod_etc(
@@ -74,6 +79,8 @@ impl ExecWorld {
                 (WILD, up),
                 (PASSTHROUGH, up),
                 (ROGUE, up),
+                (BROKER, up),
+                (AUTH, up),
                 (DEAD, dead),
             ],
             &[pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")],
@@ -113,12 +120,18 @@ ports = [80, 443, 8443]
 
 [[inject]]
 hosts = ["{RULED}", "*.wild.test", "{ROGUE}", "{DEAD}"]
-source = {{ kind = "file", path = "{}" }}
+source = {{ kind = "file", path = "{token}" }}
+
+# The broker wants an access token for its own audience, traded for the workload's token.
+[[inject]]
+hosts = ["{BROKER}"]
+source = {{ kind = "exchange", grant = "token_exchange", token_endpoint = "https://{AUTH}/token", audience = "broker", ca_file = "{up_ca}", inner = {{ kind = "file", path = "{token}" }} }}
 "#,
                 pki.file("robin-ca.crt").display(),
                 pki.file("robin-ca.key").display(),
                 pki.file("upstream-ca.crt").display(),
-                token.display()
+                token = token.display(),
+                up_ca = pki.file("upstream-ca.crt").display(),
             ),
         )
         .expect("writing config");
@@ -430,4 +443,40 @@ async fn exit_status_propagates_and_environment_is_untouched() {
         "",
         "no proxy variable may be set"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_rule_trades_the_file_token_at_the_token_endpoint() {
+    let w = ExecWorld::new();
+    let out = w
+        .exec(&format!(
+            "curl -sS https://{BROKER}/one && curl -sS https://{BROKER}/two"
+        ))
+        .await;
+    let text = stdout(&out);
+    let expected = serde_json::json!([format!("Bearer exchanged.{TOKEN}.broker")]);
+    for line in text.lines() {
+        assert_eq!(json(line)["authorization"], expected, "{text}");
+    }
+    let token_calls: Vec<_> = w
+        .upstream_requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/token")
+        .collect();
+    assert_eq!(
+        token_calls.len(),
+        1,
+        "the exchanged token is cached across requests"
+    );
+    let form = &token_calls[0]["form"];
+    assert_eq!(
+        form["grant_type"],
+        "urn:ietf:params:oauth:grant-type:token-exchange"
+    );
+    assert_eq!(form["subject_token"], TOKEN);
+    assert_eq!(
+        form["subject_token_type"],
+        "urn:ietf:params:oauth:token-type:jwt"
+    );
+    assert_eq!(form["audience"], "broker");
 }
