@@ -28,7 +28,6 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "python3",
     "python3-requests",
-    "python3-websockets",
 ];
 /// Files whose presence shows each package is installed (dpkg queries are slower).
 const APT_MARKERS: &[&str] = &[
@@ -43,7 +42,6 @@ const APT_MARKERS: &[&str] = &[
     "/usr/bin/openssl",
     "/usr/bin/python3",
     "/usr/lib/python3/dist-packages/requests/__init__.py",
-    "/usr/lib/python3/dist-packages/websockets/__init__.py",
 ];
 
 pub fn ensure() -> anyhow::Result<()> {
