@@ -147,10 +147,15 @@ source = {{ kind = "exchange", grant = "token_exchange", token_endpoint = "https
 
     /// `ip netns exec POD robin exec --config CFG -- sh -c SCRIPT`, with no proxy variables.
     async fn exec(&self, script: &str) -> Output {
+        self.exec_with(&[], script).await
+    }
+
+    async fn exec_with(&self, robin_args: &[&str], script: &str) -> Output {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.topo.pod.name()])
             .arg(robin_bin())
             .arg("exec")
+            .args(robin_args)
             .arg("--config")
             .arg(&self.config)
             .args(["--", "sh", "-c", script]);
@@ -479,4 +484,53 @@ async fn exchange_rule_trades_the_file_token_at_the_token_endpoint() {
         "urn:ietf:params:oauth:token-type:jwt"
     );
     assert_eq!(form["audience"], "broker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_record_per_connection_and_per_request() {
+    let w = ExecWorld::new();
+    let out = w
+        .exec_with(
+            &["--log-format", "json"],
+            &format!("curl -sS -o /dev/null https://{RULED}/a?secret-query=1 https://{RULED}/b; curl -sS -o /dev/null https://{PASSTHROUGH}/"),
+        )
+        .await;
+    stdout(&out);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON record ({e}): {l}")))
+        .collect();
+    let requests: Vec<_> = records
+        .iter()
+        .filter(|r| r["message"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 2, "one record per request: {records:?}");
+    assert_eq!(requests[0]["status"], 200);
+    assert_eq!(
+        requests[0]["path"], "/a",
+        "the query string is never logged"
+    );
+    let conns: Vec<_> = records
+        .iter()
+        .filter(|r| r["message"] == "connection closed")
+        .collect();
+    assert_eq!(conns.len(), 2, "one record per connection: {records:?}");
+    let modes: Vec<&str> = conns
+        .iter()
+        .map(|c| c["mode"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(modes, ["intercept", "splice"]);
+    for c in conns {
+        for field in [
+            "client",
+            "dst",
+            "name",
+            "rule",
+            "bytes_up",
+            "bytes_down",
+            "ms",
+        ] {
+            assert!(!c[field].is_null(), "connection record lacks {field}: {c}");
+        }
+    }
 }
