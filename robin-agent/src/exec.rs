@@ -65,24 +65,41 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         "capturing"
     );
 
-    let serve = tokio::spawn(accept_loop(listener.clone(), proxy));
+    let in_flight = Arc::new(());
+    let serve = tokio::spawn(accept_loop(listener.clone(), proxy, in_flight.clone()));
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
         .await
         .context("waiting for the command")?;
     serve.abort();
+    drain(&in_flight).await;
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);
     Ok(exit_code(status))
 }
 
-async fn accept_loop(listener: Arc<CapturedListener>, proxy: Proxy) {
+/// Longest wait, once CMD has exited, for its connections to finish (and be logged).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits (bounded) until no connection task holds a clone of `in_flight`.
+async fn drain(in_flight: &Arc<()>) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while Arc::strong_count(in_flight) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+async fn accept_loop(listener: Arc<CapturedListener>, proxy: Proxy, in_flight: Arc<()>) {
     loop {
         match listener.accept().await {
             Ok((stream, orig, client)) => {
                 let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.serve(stream, orig, client).await });
+                let guard = in_flight.clone();
+                tokio::spawn(async move {
+                    proxy.serve(stream, orig, client).await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -2,10 +2,12 @@
 //!
 //! Data path, one module per stage: [`capture`] (eBPF redirect and accept) → `proxy` (sniff,
 //! intercept or splice, inject, upstream) with [`identity`] supplying tokens.
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod exec;
 pub mod identity;
+pub mod node;
 pub mod oidc_gateway;
 pub mod proxy;
 pub mod tls;

@@ -31,6 +31,10 @@ enum Command {
     /// Serve the cluster's OIDC discovery document and JWKS to external brokers, fetched with
     /// this pod's ServiceAccount token (no anonymous auth needed).
     OidcGateway(robin_agent::oidc_gateway::GatewayArgs),
+    /// DaemonSet mode: capture and serve the annotated pods of this node.
+    Node(robin_agent::node::NodeArgs),
+    /// For a pod's init container: return once robin node has captured this pod.
+    Await(robin_agent::node::wait::AwaitArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exec(args) => robin_agent::exec::main(args),
         Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
+        Command::Node(args) => robin_agent::node::main(args),
+        Command::Await(args) => robin_agent::node::wait::main(args),
     };
     match result {
         Ok(code) => code,

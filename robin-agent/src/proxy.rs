@@ -37,6 +37,7 @@ mod upstream;
 
 use rewind::{ByteCounts, Rewind};
 use sniff::Sniffed;
+pub use upstream::Dialer;
 use upstream::{Target, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,7 @@ struct Inner {
     limits: Limits,
     stats: Arc<ProxyStats>,
     next_id: AtomicU64,
+    dialer: Dialer,
 }
 
 /// The proxy. Cheap to clone; all clones share rules, leaf cache and counters.
@@ -157,6 +159,11 @@ impl Proxy {
     }
 
     pub fn with_limits(cfg: &Config, limits: Limits) -> Result<Self, ProxyError> {
+        Self::with_dialer(cfg, limits, Dialer::Host)
+    }
+
+    /// As [`Proxy::with_limits`], with upstream sockets created by `dialer`.
+    pub fn with_dialer(cfg: &Config, limits: Limits, dialer: Dialer) -> Result<Self, ProxyError> {
         let rules = cfg
             .inject
             .iter()
@@ -184,6 +191,7 @@ impl Proxy {
                 limits,
                 stats: Arc::new(ProxyStats::default()),
                 next_id: AtomicU64::new(1),
+                dialer,
             }),
         })
     }
@@ -241,7 +249,14 @@ impl Proxy {
         let name_field = name.as_deref().unwrap_or("-");
         match mode {
             Mode::Splice => {
-                let res = splice::splice(stream, &prefix, orig, limits.connect_timeout).await;
+                let res = splice::splice(
+                    stream,
+                    &prefix,
+                    orig,
+                    limits.connect_timeout,
+                    &self.inner.dialer,
+                )
+                .await;
                 let ms = start.elapsed().as_millis() as u64;
                 match res {
                     Ok((up, down)) => {
@@ -322,6 +337,7 @@ impl Proxy {
             tls_name: tls.then(|| name.clone()),
             alpn,
             connect_timeout: limits.connect_timeout,
+            dialer: self.inner.dialer.clone(),
         };
         let ctx = |alpn, scheme| {
             Arc::new(intercept::ConnCtx {

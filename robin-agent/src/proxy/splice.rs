@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
+use super::upstream::Dialer;
 use crate::capture::OrigDst;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +23,9 @@ pub async fn splice(
     prefix: &[u8],
     dst: OrigDst,
     connect_timeout: Duration,
+    dialer: &Dialer,
 ) -> Result<(u64, u64), SpliceError> {
-    let mut up = tokio::time::timeout(connect_timeout, TcpStream::connect(dst.0))
+    let mut up = tokio::time::timeout(connect_timeout, dialer.connect(dst.0))
         .await
         .map_err(|_| SpliceError::ConnectTimeout(dst))?
         .map_err(|e| SpliceError::Connect(dst, e))?;

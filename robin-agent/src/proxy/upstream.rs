@@ -1,16 +1,23 @@
 //! The upstream side of an intercepted connection: dial the original destination IP (never
 //! re-resolve), verify its certificate for the workload's SNI, and keep the resulting HTTP
 //! connection for the downstream connection's lifetime.
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use hyper::{Request, Response, body::Incoming, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::Mutex,
+};
 use tracing::{Instrument, debug};
 
 use crate::{
-    capture::OrigDst,
+    capture::{NetNs, OrigDst},
     tls::{UpstreamTls, upstream::Alpn},
 };
 
@@ -43,6 +50,36 @@ impl UpstreamError {
     }
 }
 
+/// Where upstream sockets are created. `InNetNs`: inside the workload's network namespace, so
+/// its connections leave with the workload's address (node mode); only the socket creation
+/// happens in the namespace, the connect runs outside the closure.
+#[derive(Clone, Debug, Default)]
+pub enum Dialer {
+    #[default]
+    Host,
+    InNetNs(Arc<NetNs>),
+}
+
+impl Dialer {
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        match self {
+            Self::Host => TcpStream::connect(addr).await,
+            Self::InNetNs(netns) => {
+                let socket = netns
+                    .run(|| {
+                        if addr.is_ipv4() {
+                            TcpSocket::new_v4()
+                        } else {
+                            TcpSocket::new_v6()
+                        }
+                    })
+                    .map_err(std::io::Error::other)??;
+                socket.connect(addr).await
+            }
+        }
+    }
+}
+
 /// HTTP version spoken upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -59,6 +96,7 @@ pub struct Target {
     /// What the workload negotiated with us; decides the ALPN offered upstream.
     pub alpn: Alpn,
     pub connect_timeout: Duration,
+    pub dialer: Dialer,
 }
 
 enum Sender {
@@ -167,7 +205,7 @@ impl Upstream {
 
     async fn dial(&self) -> Result<Sender, UpstreamError> {
         let t = &self.target;
-        let tcp = tokio::time::timeout(t.connect_timeout, TcpStream::connect(t.dst.0))
+        let tcp = tokio::time::timeout(t.connect_timeout, t.dialer.connect(t.dst.0))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(t.dst))?
             .map_err(|e| UpstreamError::Connect(t.dst, e))?;

@@ -1,0 +1,743 @@
+//! `robin node`: the DaemonSet mode. Watches the pods of this node, and for every pod annotated
+//! `robin.dev/inject: "true"` finds its cgroup and network namespace, opens a listener inside
+//! that namespace, attaches capture to the pod cgroup and serves the pod with its own identity
+//! (its token read through its own filesystem view). Upstream connections are made from inside
+//! the pod's namespace, so they leave with the pod's address.
+//!
+//! One task owns the [`Capturer`] and all per-pod state; the pod watch feeds it events, a 1 s
+//! tick retries pods that could not be captured yet (no cgroup or no process yet).
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    capture::{self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs},
+    config::ConfigArgs,
+    proxy::{Dialer, Limits, Proxy},
+};
+
+pub mod config;
+pub mod kube;
+pub mod podcgroup;
+pub mod wait;
+
+use config::NodeConfig;
+use kube::{ApiClient, Pod, PodEvent};
+
+pub const ANN_INJECT: &str = "robin.dev/inject";
+pub const ANN_RULES: &str = "robin.dev/rules";
+pub const ANN_TOKEN_PATH: &str = "robin.dev/token-path";
+pub const ANN_CAPTURE_PORTS: &str = "robin.dev/capture-ports";
+
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+pub const ENV_CGROUP_ROOT: &str = "ROBIN_CGROUP_ROOT";
+pub const ENV_KUBE_API: &str = "ROBIN_KUBE_API";
+pub const ENV_KUBE_TOKEN_FILE: &str = "ROBIN_KUBE_TOKEN_FILE";
+pub const ENV_KUBE_CA: &str = "ROBIN_KUBE_CA";
+pub const ENV_ADMIN_ADDR: &str = "ROBIN_ADMIN_ADDR";
+
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{ANN_CAPTURE_PORTS}: {0:?} is not a comma-separated list of ports (1-65535)")]
+    BadPorts(String),
+    #[error("{ANN_TOKEN_PATH}: {0:?} must be an absolute path without `..`")]
+    BadTokenPath(String),
+    #[error("{ANN_RULES}: no rule set {0:?} in the node config")]
+    UnknownRuleSet(String),
+    #[error(transparent)]
+    PodCgroup(#[from] podcgroup::PodCgroupError),
+    #[error(transparent)]
+    NetNs(#[from] capture::netns::NetNsError),
+    #[error(transparent)]
+    Listener(#[from] capture::listener::ListenerError),
+    #[error(transparent)]
+    Capture(#[from] capture::ebpf::CaptureError),
+    #[error("building the pod's proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// This node's name (from the downward API).
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node_name: String,
+    /// Where the kubelet's pod cgroups live (default: the cgroup2 mount).
+    #[arg(long, env = ENV_CGROUP_ROOT, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+    /// API server URL (default: in-cluster config). `http://` only for tests or `kubectl proxy`.
+    #[arg(long, env = ENV_KUBE_API, value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Bearer token file for --kube-api.
+    #[arg(long, env = ENV_KUBE_TOKEN_FILE, value_name = "FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA bundle for an https --kube-api.
+    #[arg(long, env = ENV_KUBE_CA, value_name = "FILE")]
+    pub kube_ca: Option<PathBuf>,
+    /// Admin plane: /healthz, /readyz, /metrics, /debug/pods.
+    #[arg(long, env = ENV_ADMIN_ADDR, default_value = "0.0.0.0:4001")]
+    pub admin_addr: SocketAddr,
+}
+
+/// What a pod asks for through its annotations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub rule_set: String,
+    pub token_path: PathBuf,
+    pub ports: Option<Vec<u16>>,
+}
+
+/// `None`: the pod is not opted in (or has finished). `Err`: opted in with bad annotations.
+pub fn wanted(pod: &Pod) -> Result<Option<Wanted>, NodeError> {
+    let ann = &pod.metadata.annotations;
+    if ann.get(ANN_INJECT).map(String::as_str) != Some("true") {
+        return Ok(None);
+    }
+    // A finished pod has no process left to serve.
+    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Ok(None);
+    }
+    let rule_set = ann
+        .get(ANN_RULES)
+        .cloned()
+        .unwrap_or_else(|| config::DEFAULT_RULE_SET.to_owned());
+    let token_path = match ann.get(ANN_TOKEN_PATH) {
+        None => PathBuf::from(config::DEFAULT_TOKEN_PATH),
+        Some(p) => {
+            let path = PathBuf::from(p);
+            let sane = path.is_absolute()
+                && path
+                    .components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir));
+            if !sane {
+                return Err(NodeError::BadTokenPath(p.clone()));
+            }
+            path
+        }
+    };
+    let ports = match ann.get(ANN_CAPTURE_PORTS) {
+        None => None,
+        Some(raw) => {
+            let ports: Option<Vec<u16>> = raw
+                .split(',')
+                .map(|p| p.trim().parse::<u16>().ok().filter(|&p| p != 0))
+                .collect();
+            match ports {
+                Some(p) if !p.is_empty() => Some(p),
+                _ => return Err(NodeError::BadPorts(raw.clone())),
+            }
+        }
+    };
+    Ok(Some(Wanted {
+        rule_set,
+        token_path,
+        ports,
+    }))
+}
+
+/// A pod as `/debug/pods` shows it. No token, no secret.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `captured`, `pending` (will retry) or `invalid` (bad annotations).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_set: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_path: Option<PathBuf>,
+    /// Whether the token file was visible in the chosen process's filesystem view at capture.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_visible: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captured_at_unix: Option<u64>,
+}
+
+/// Summed counters of proxies of pods no longer captured, so /metrics never goes backwards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    pub conn_intercepted: u64,
+    pub conn_spliced: u64,
+    pub conn_failed: u64,
+    pub conn_splice_failed: u64,
+    pub requests: [u64; 5],
+    pub identity_errors: u64,
+    pub upstream_errors: u64,
+    pub leaf_hits: u64,
+    pub leaf_mints: u64,
+    pub leaf_mint_errors: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, proxy: &Proxy) {
+        let s = proxy.stats();
+        let l = proxy.leaf_stats();
+        let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        self.conn_intercepted += r(&s.conn_intercepted);
+        self.conn_spliced += r(&s.conn_spliced);
+        self.conn_failed += r(&s.conn_failed);
+        self.conn_splice_failed += r(&s.conn_splice_failed);
+        for (t, c) in self.requests.iter_mut().zip([
+            &s.requests_1xx,
+            &s.requests_2xx,
+            &s.requests_3xx,
+            &s.requests_4xx,
+            &s.requests_5xx,
+        ]) {
+            *t += r(c);
+        }
+        self.identity_errors += r(&s.identity_errors);
+        self.upstream_errors += r(&s.upstream_errors);
+        self.leaf_hits += r(&l.hits);
+        self.leaf_mints += r(&l.mints);
+        self.leaf_mint_errors += r(&l.mint_errors);
+    }
+}
+
+/// What the reconciler shares with the admin plane.
+#[derive(Default)]
+pub struct NodeShared {
+    pub programs_loaded: AtomicBool,
+    pub watch_synced: Arc<AtomicBool>,
+    pub ca_loaded: AtomicBool,
+    /// By pod uid: every opted-in pod the agent knows of.
+    pub pods: Mutex<BTreeMap<String, PodView>>,
+    /// Proxies of captured pods, by uid (for metrics).
+    pub proxies: Mutex<BTreeMap<String, Proxy>>,
+    pub retired: Mutex<Totals>,
+}
+
+impl NodeShared {
+    pub fn ready(&self) -> bool {
+        self.programs_loaded.load(Ordering::Relaxed)
+            && self.watch_synced.load(Ordering::Relaxed)
+            && self.ca_loaded.load(Ordering::Relaxed)
+    }
+
+    pub fn captured_pods(&self) -> usize {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .filter(|p| p.state == "captured")
+            .count()
+    }
+
+    /// Counters over every proxy this agent has run.
+    pub fn totals(&self) -> Totals {
+        let mut t = *self.retired.lock().expect("retired lock");
+        for p in self.proxies.lock().expect("proxies lock").values() {
+            t.add(p);
+        }
+        t
+    }
+}
+
+pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(&args.config)?;
+    capture::check_capabilities(true).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(args, cfg))
+}
+
+async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
+    let shared = Arc::new(NodeShared::default());
+    // The CA was loaded and checked against its key by the config loader.
+    shared.ca_loaded.store(true, Ordering::Relaxed);
+    tracing::info!(
+        node = %args.node_name,
+        rule_sets = ?cfg.rule_sets.keys().collect::<Vec<_>>(),
+        tls = ?cfg.base.tls,
+        capture = ?cfg.base.capture,
+        "effective configuration"
+    );
+    let capturer = Capturer::load().context("loading eBPF capture")?;
+    shared.programs_loaded.store(true, Ordering::Relaxed);
+    let cgroup_root = match args.cgroup_root.clone().or(cfg.cgroup_root.clone()) {
+        Some(r) => r,
+        None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
+    };
+    let client = match &args.kube_api {
+        Some(url) => ApiClient::new(url, args.kube_token_file.clone(), args.kube_ca.as_deref()),
+        None => ApiClient::in_cluster(|k| std::env::var(k).ok()),
+    }
+    .context("configuring the Kubernetes client")?;
+
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin plane on {}", args.admin_addr))?;
+    tracing::info!(addr = %admin.local_addr().unwrap_or(args.admin_addr), "admin plane listening");
+    tokio::spawn(crate::admin::serve(admin, shared.clone()));
+
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(kube::run_pod_watch(
+        client,
+        args.node_name.clone(),
+        tx,
+        shared.watch_synced.clone(),
+    ));
+    let reconciler = Reconciler {
+        capturer,
+        cfg,
+        cgroup_root,
+        shared,
+        known: HashMap::new(),
+        captured: HashMap::new(),
+    };
+    tokio::select! {
+        () = reconciler.run(rx) => {}
+        r = tokio::signal::ctrl_c() => { r.context("waiting for a signal")?; }
+        () = sigterm() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+struct Captured {
+    wanted: Wanted,
+    attachment: Attachment,
+    proxy: watch::Sender<Proxy>,
+    serve: JoinHandle<()>,
+    netns: Arc<NetNs>,
+    cgroup: PathBuf,
+    /// The process whose filesystem view the pod's token is read through.
+    pid: u32,
+    token_visible: bool,
+}
+
+struct Reconciler {
+    capturer: Capturer,
+    cfg: NodeConfig,
+    cgroup_root: PathBuf,
+    shared: Arc<NodeShared>,
+    /// Opted-in pods as last seen, by uid.
+    known: HashMap<String, Pod>,
+    captured: HashMap<String, Captured>,
+}
+
+impl Reconciler {
+    async fn run(mut self, mut rx: mpsc::Receiver<PodEvent>) {
+        let mut tick = tokio::time::interval(RETRY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    None => return,
+                    Some(PodEvent::Restarted(pods)) => {
+                        let fresh: HashMap<String, Pod> = pods
+                            .into_iter()
+                            .map(|p| (p.metadata.uid.clone(), p))
+                            .collect();
+                        let reported: Vec<String> =
+                            self.shared.pods.lock().expect("pods lock").keys().cloned().collect();
+                        let gone: Vec<String> = self
+                            .known
+                            .keys()
+                            .chain(self.captured.keys())
+                            .chain(reported.iter())
+                            .filter(|uid| !fresh.contains_key(*uid))
+                            .cloned()
+                            .collect();
+                        for uid in gone {
+                            self.forget(&uid);
+                        }
+                        for pod in fresh.into_values() {
+                            self.apply(pod);
+                        }
+                    }
+                    Some(PodEvent::Applied(pod)) => self.apply(pod),
+                    Some(PodEvent::Deleted(pod)) => self.forget(&pod.metadata.uid),
+                },
+                _ = tick.tick() => {
+                    let pending: Vec<Pod> = self
+                        .known
+                        .iter()
+                        .filter(|(uid, _)| !self.captured.contains_key(*uid))
+                        .map(|(_, p)| p.clone())
+                        .collect();
+                    for pod in pending {
+                        self.apply(pod);
+                    }
+                    self.refresh_views();
+                }
+            }
+        }
+    }
+
+    fn view(&self, pod: &Pod, state: &'static str, error: Option<String>) -> PodView {
+        PodView {
+            namespace: pod.metadata.namespace.clone(),
+            name: pod.metadata.name.clone(),
+            uid: pod.metadata.uid.clone(),
+            state,
+            error,
+            rule_set: None,
+            cgroup: None,
+            pid: None,
+            listener_port: None,
+            ports: None,
+            token_path: None,
+            token_visible: None,
+            captured_at_unix: None,
+        }
+    }
+
+    fn set_view(&self, view: PodView) {
+        self.shared
+            .pods
+            .lock()
+            .expect("pods lock")
+            .insert(view.uid.clone(), view);
+    }
+
+    /// Brings one pod to what its annotations ask for.
+    fn apply(&mut self, pod: Pod) {
+        let uid = pod.metadata.uid.clone();
+        let want = match wanted(&pod) {
+            Ok(Some(w)) => w,
+            Ok(None) => {
+                self.forget(&uid);
+                return;
+            }
+            Err(e) => {
+                // Opted in but unusable: keep any capture in place (never fail open), report.
+                tracing::warn!(pod = %pod.key(), error = %e, "invalid annotations");
+                if !self.captured.contains_key(&uid) {
+                    self.set_view(self.view(&pod, "invalid", Some(e.to_string())));
+                }
+                self.known.remove(&uid);
+                return;
+            }
+        };
+        self.known.insert(uid.clone(), pod.clone());
+        if let Some(c) = self.captured.get(&uid) {
+            if c.wanted == want {
+                return;
+            }
+            if c.wanted.ports == want.ports {
+                // Same capture, new rules or token: swap the proxy, the kernel side stays.
+                match self.pod_proxy(&want, c.pid, c.netns.clone()) {
+                    Ok(proxy) => {
+                        let old = c.proxy.send_replace(proxy.clone());
+                        self.retire(&old);
+                        self.shared
+                            .proxies
+                            .lock()
+                            .expect("proxies lock")
+                            .insert(uid.clone(), proxy);
+                        let c = self.captured.get_mut(&uid).expect("present");
+                        c.wanted = want.clone();
+                        // The new token path may need another process's view.
+                        c.token_visible = false;
+                        if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
+                            v.rule_set = Some(want.rule_set.clone());
+                            v.token_path = Some(want.token_path.clone());
+                        }
+                        tracing::info!(pod = %pod.key(), "re-applied annotations");
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.key(), error = %e, "re-applying annotations failed; keeping the previous ones")
+                    }
+                }
+                return;
+            }
+            // Ports changed: recapture. The kernel config is keyed by cgroup, so the old
+            // attachment goes first; connects in between are not redirected.
+            self.release(&uid);
+        }
+        match self.capture(&pod, &want) {
+            Ok(view) => {
+                tracing::info!(pod = %pod.key(), cgroup = ?view.cgroup, pid = ?view.pid, listener_port = ?view.listener_port, "captured");
+                self.set_view(view);
+            }
+            Err(e) => {
+                let error = e.to_string();
+                // Retried every second: log only when the reason changes.
+                let same = self
+                    .shared
+                    .pods
+                    .lock()
+                    .expect("pods lock")
+                    .get(&uid)
+                    .is_some_and(|v| v.error.as_deref() == Some(error.as_str()));
+                if !same {
+                    tracing::info!(pod = %pod.key(), error, "not captured yet; will retry");
+                }
+                self.set_view(self.view(&pod, "pending", Some(error)));
+            }
+        }
+    }
+
+    fn pod_proxy(&self, want: &Wanted, pid: u32, netns: Arc<NetNs>) -> Result<Proxy, NodeError> {
+        let set = self
+            .cfg
+            .rule_sets
+            .get(&want.rule_set)
+            .ok_or_else(|| NodeError::UnknownRuleSet(want.rule_set.clone()))?;
+        let cfg = set.for_pod(pid, &want.token_path, want.ports.as_deref());
+        Ok(Proxy::with_dialer(
+            &cfg,
+            Limits::default(),
+            Dialer::InNetNs(netns),
+        )?)
+    }
+
+    fn capture(&mut self, pod: &Pod, want: &Wanted) -> Result<PodView, NodeError> {
+        let uid = &pod.metadata.uid;
+        let qos = pod
+            .status
+            .qos_class
+            .as_deref()
+            .and_then(podcgroup::QosClass::parse);
+        let cgroup = podcgroup::find(&self.cgroup_root, uid, qos)?;
+        let (pid, token_visible) = podcgroup::pick_pid(&cgroup, &want.token_path)?;
+        let netns = Arc::new(NetNs::open(format!("/proc/{pid}/ns/net"))?);
+        let proxy = self.pod_proxy(want, pid, netns.clone())?;
+        let ports = want
+            .ports
+            .clone()
+            .unwrap_or_else(|| self.cfg.base.capture.ports.clone());
+        let listener = Arc::new(CapturedListener::bind(
+            &netns,
+            self.cfg.base.capture.listener_port,
+            self.capturer.orig_dst_table(),
+        )?);
+        let settings = CaptureSettings::new(ports.clone(), listener.ports().port);
+        let attachment = self
+            .capturer
+            .attach(&Cgroup::existing(cgroup.clone()), &settings)?;
+        let (proxy_tx, proxy_rx) = watch::channel(proxy.clone());
+        let span = tracing::info_span!("pod", pod = %pod.key());
+        let serve = tokio::spawn(tracing::Instrument::instrument(
+            accept_loop(listener, proxy_rx),
+            span,
+        ));
+        self.shared
+            .proxies
+            .lock()
+            .expect("proxies lock")
+            .insert(uid.clone(), proxy);
+        self.captured.insert(
+            uid.clone(),
+            Captured {
+                wanted: want.clone(),
+                attachment,
+                proxy: proxy_tx,
+                serve,
+                netns,
+                cgroup: cgroup.clone(),
+                pid,
+                token_visible,
+            },
+        );
+        let mut view = self.view(pod, "captured", None);
+        view.rule_set = Some(want.rule_set.clone());
+        view.cgroup = Some(cgroup);
+        view.pid = Some(pid);
+        view.listener_port = Some(settings.listener_port);
+        view.ports = Some(ports);
+        view.token_path = Some(want.token_path.clone());
+        view.token_visible = Some(token_visible);
+        view.captured_at_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        Ok(view)
+    }
+
+    /// The token is read through one process's view of the pod's filesystem: when that
+    /// process exits (container restart) or could not see the token yet (only the pause
+    /// container was up), pick again and swap the proxy; the kernel side is untouched.
+    fn refresh_views(&mut self) {
+        let stale: Vec<String> = self
+            .captured
+            .iter()
+            .filter(|(_, c)| !c.token_visible || !Path::new(&format!("/proc/{}", c.pid)).exists())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            let c = &self.captured[&uid];
+            let Ok((pid, visible)) = podcgroup::pick_pid(&c.cgroup, &c.wanted.token_path) else {
+                continue;
+            };
+            if pid == c.pid {
+                // Same view: the proxy already reads through it.
+                let c = self.captured.get_mut(&uid).expect("present");
+                c.token_visible = visible;
+                if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
+                    v.token_visible = Some(visible);
+                }
+                continue;
+            }
+            let proxy = match self.pod_proxy(&c.wanted, pid, c.netns.clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(uid, error = %e, "rebuilding the pod's proxy failed");
+                    continue;
+                }
+            };
+            let old = c.proxy.send_replace(proxy.clone());
+            self.retire(&old);
+            self.shared
+                .proxies
+                .lock()
+                .expect("proxies lock")
+                .insert(uid.clone(), proxy);
+            let c = self.captured.get_mut(&uid).expect("present");
+            c.pid = pid;
+            c.token_visible = visible;
+            if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
+                v.pid = Some(pid);
+                v.token_visible = Some(visible);
+            }
+            tracing::info!(uid, pid, token_visible = visible, "pod process re-selected");
+        }
+    }
+
+    fn retire(&self, proxy: &Proxy) {
+        self.shared.retired.lock().expect("retired lock").add(proxy);
+    }
+
+    /// Detaches and closes the listener of a captured pod.
+    fn release(&mut self, uid: &str) {
+        if let Some(c) = self.captured.remove(uid) {
+            // Redirection is removed before the listener closes: no connect lands on a closed
+            // listener because of us.
+            self.capturer.detach(c.attachment);
+            c.serve.abort();
+            if let Some(p) = self
+                .shared
+                .proxies
+                .lock()
+                .expect("proxies lock")
+                .remove(uid)
+            {
+                self.retire(&p);
+            }
+            tracing::info!(uid, "released");
+        }
+    }
+
+    /// The pod is gone or no longer opted in.
+    fn forget(&mut self, uid: &str) {
+        self.release(uid);
+        self.known.remove(uid);
+        self.shared.pods.lock().expect("pods lock").remove(uid);
+    }
+}
+
+async fn accept_loop(listener: Arc<CapturedListener>, proxy: watch::Receiver<Proxy>) {
+    loop {
+        match listener.accept().await {
+            Ok((mut stream, orig, client)) => {
+                if orig.0.ip() == wait::PROBE_IP {
+                    // `robin await` asking whether this pod is captured: it is.
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt as _;
+                        let _ = stream.write_all(wait::PROBE_ANSWER).await;
+                        let _ = stream.shutdown().await;
+                    });
+                    continue;
+                }
+                let proxy = proxy.borrow().clone();
+                tokio::spawn(async move { proxy.serve(stream, orig, client).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ann: &[(&str, &str)]) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.uid = "u".into();
+        p.metadata.annotations = ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        p
+    }
+
+    #[test]
+    fn annotations_decide_capture() {
+        assert!(wanted(&pod(&[])).unwrap().is_none());
+        assert!(wanted(&pod(&[(ANN_INJECT, "false")])).unwrap().is_none());
+        let w = wanted(&pod(&[(ANN_INJECT, "true")])).unwrap().unwrap();
+        assert_eq!(w.rule_set, "default");
+        assert_eq!(w.token_path, Path::new(config::DEFAULT_TOKEN_PATH));
+        assert_eq!(w.ports, None);
+        let w = wanted(&pod(&[
+            (ANN_INJECT, "true"),
+            (ANN_RULES, "broker"),
+            (ANN_TOKEN_PATH, "/t/tok"),
+            (ANN_CAPTURE_PORTS, "443, 8443"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(w.rule_set, "broker");
+        assert_eq!(w.token_path, Path::new("/t/tok"));
+        assert_eq!(w.ports, Some(vec![443, 8443]));
+        for bad in [
+            (ANN_CAPTURE_PORTS, "0"),
+            (ANN_CAPTURE_PORTS, "x"),
+            (ANN_CAPTURE_PORTS, ""),
+            (ANN_TOKEN_PATH, "relative"),
+            (ANN_TOKEN_PATH, "/a/../etc/shadow"),
+        ] {
+            assert!(
+                wanted(&pod(&[(ANN_INJECT, "true"), bad])).is_err(),
+                "{bad:?}"
+            );
+        }
+        let mut done = pod(&[(ANN_INJECT, "true")]);
+        done.status.phase = Some("Succeeded".into());
+        assert!(wanted(&done).unwrap().is_none());
+    }
+}

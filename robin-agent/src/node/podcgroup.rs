@@ -1,0 +1,314 @@
+//! Finding a pod's cgroup v2 directory and one of its processes, as the kubelet lays them out.
+//!
+//! Both kubelet cgroup drivers are understood, for every QoS class (Guaranteed pods sit directly
+//! under `kubepods`):
+//!
+//! | driver | path under the cgroup root |
+//! | --- | --- |
+//! | systemd | `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _>.slice` |
+//! | cgroupfs | `kubepods/burstable/pod<uid>` |
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodCgroupError {
+    #[error("no cgroup for pod {uid} under {root} (tried {tried})")]
+    NotFound {
+        uid: String,
+        root: PathBuf,
+        tried: String,
+    },
+    #[error("pod cgroup {0} has no process yet")]
+    NoProcess(PathBuf),
+    #[error("reading {0}: {1}")]
+    Io(PathBuf, #[source] io::Error),
+    #[error("{0:?} is not a pod uid")]
+    BadUid(String),
+}
+
+/// `status.qosClass` of a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl QosClass {
+    pub const ALL: [QosClass; 3] = [Self::Guaranteed, Self::Burstable, Self::BestEffort];
+
+    /// The API's spelling; `None` when absent or unknown (then every class is tried).
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "Guaranteed" => Some(Self::Guaranteed),
+            "Burstable" => Some(Self::Burstable),
+            "BestEffort" => Some(Self::BestEffort),
+            _ => None,
+        }
+    }
+
+    fn dir_name(self) -> Option<&'static str> {
+        match self {
+            Self::Guaranteed => None,
+            Self::Burstable => Some("burstable"),
+            Self::BestEffort => Some("besteffort"),
+        }
+    }
+}
+
+/// Where the systemd driver puts a pod: dashes in the uid become underscores (a dash separates
+/// slice levels in systemd unit names).
+pub fn systemd_path(uid: &str, qos: QosClass) -> PathBuf {
+    let uid = uid.replace('-', "_");
+    let mut p = PathBuf::from("kubepods.slice");
+    match qos.dir_name() {
+        None => p.push(format!("kubepods-pod{uid}.slice")),
+        Some(q) => {
+            p.push(format!("kubepods-{q}.slice"));
+            p.push(format!("kubepods-{q}-pod{uid}.slice"));
+        }
+    }
+    p
+}
+
+/// Where the cgroupfs driver puts a pod.
+pub fn cgroupfs_path(uid: &str, qos: QosClass) -> PathBuf {
+    let mut p = PathBuf::from("kubepods");
+    if let Some(q) = qos.dir_name() {
+        p.push(q);
+    }
+    p.push(format!("pod{uid}"));
+    p
+}
+
+/// Candidate paths (relative to the cgroup root), most likely first.
+pub fn candidates(uid: &str, qos: Option<QosClass>) -> Vec<PathBuf> {
+    let classes: Vec<QosClass> = match qos {
+        Some(q) => vec![q],
+        None => QosClass::ALL.to_vec(),
+    };
+    classes
+        .iter()
+        .flat_map(|&q| [systemd_path(uid, q), cgroupfs_path(uid, q)])
+        .collect()
+}
+
+/// The pod's cgroup directory under `root` (the cgroup2 mount, or a test root laid out the same).
+pub fn find(root: &Path, uid: &str, qos: Option<QosClass>) -> Result<PathBuf, PodCgroupError> {
+    // The uid becomes a path component: refuse anything that could walk elsewhere.
+    if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(PodCgroupError::BadUid(uid.to_owned()));
+    }
+    let tried = candidates(uid, qos);
+    for rel in &tried {
+        let p = root.join(rel);
+        if p.is_dir() {
+            return Ok(p);
+        }
+    }
+    Err(PodCgroupError::NotFound {
+        uid: uid.to_owned(),
+        root: root.to_owned(),
+        tried: tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Most cgroups visited below a pod (pod → containers is two levels in practice).
+const MAX_CGROUPS_VISITED: usize = 64;
+
+/// Processes of the pod: its own `cgroup.procs` (empty on real nodes) then its children's
+/// (the containers), breadth first and bounded.
+pub fn pids(pod_cgroup: &Path) -> Result<Vec<u32>, PodCgroupError> {
+    let mut queue = std::collections::VecDeque::from([pod_cgroup.to_owned()]);
+    let mut out = Vec::new();
+    let mut visited = 0;
+    while let Some(dir) = queue.pop_front() {
+        visited += 1;
+        if visited > MAX_CGROUPS_VISITED {
+            break;
+        }
+        let procs = dir.join("cgroup.procs");
+        match fs::read_to_string(&procs) {
+            Ok(text) => out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok())),
+            // A container cgroup removed while we walk: skip it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != pod_cgroup => continue,
+            Err(e) => return Err(PodCgroupError::Io(procs, e)),
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != pod_cgroup => continue,
+            Err(e) => return Err(PodCgroupError::Io(dir, e)),
+        };
+        let mut children: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .map(|e| e.path())
+            .collect();
+        children.sort();
+        queue.extend(children);
+    }
+    Ok(out)
+}
+
+/// A process of the pod whose filesystem view holds `file` (the pause container has no volume
+/// mounts, an application container does); failing that, any process (enough for the netns).
+pub fn pick_pid(pod_cgroup: &Path, file: &Path) -> Result<(u32, bool), PodCgroupError> {
+    let pids = pids(pod_cgroup)?;
+    let rel = file.strip_prefix("/").unwrap_or(file);
+    for &pid in &pids {
+        if Path::new(&format!("/proc/{pid}/root")).join(rel).is_file() {
+            return Ok((pid, true));
+        }
+    }
+    pids.first()
+        .map(|&p| (p, false))
+        .ok_or_else(|| PodCgroupError::NoProcess(pod_cgroup.to_owned()))
+}
+
+/// `file` as seen by process `pid`.
+pub fn in_pod_root(pid: u32, file: &Path) -> PathBuf {
+    let rel = file.strip_prefix("/").unwrap_or(file);
+    Path::new(&format!("/proc/{pid}/root")).join(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0b6c1c2e-59d4-4a7e-9a5e-6f1d2c3b4a59";
+
+    #[test]
+    fn systemd_layout_for_every_class() {
+        assert_eq!(
+            systemd_path(UID, QosClass::Guaranteed),
+            Path::new("kubepods.slice/kubepods-pod0b6c1c2e_59d4_4a7e_9a5e_6f1d2c3b4a59.slice")
+        );
+        assert_eq!(
+            systemd_path(UID, QosClass::Burstable),
+            Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b6c1c2e_59d4_4a7e_9a5e_6f1d2c3b4a59.slice"
+            )
+        );
+        assert_eq!(
+            systemd_path(UID, QosClass::BestEffort),
+            Path::new(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b6c1c2e_59d4_4a7e_9a5e_6f1d2c3b4a59.slice"
+            )
+        );
+    }
+
+    #[test]
+    fn cgroupfs_layout_for_every_class() {
+        assert_eq!(
+            cgroupfs_path(UID, QosClass::Guaranteed),
+            Path::new(&format!("kubepods/pod{UID}"))
+        );
+        assert_eq!(
+            cgroupfs_path(UID, QosClass::Burstable),
+            Path::new(&format!("kubepods/burstable/pod{UID}"))
+        );
+        assert_eq!(
+            cgroupfs_path(UID, QosClass::BestEffort),
+            Path::new(&format!("kubepods/besteffort/pod{UID}"))
+        );
+    }
+
+    #[test]
+    fn qos_parse() {
+        assert_eq!(QosClass::parse("Burstable"), Some(QosClass::Burstable));
+        assert_eq!(QosClass::parse(""), None);
+        assert_eq!(candidates(UID, None).len(), 6);
+        assert_eq!(candidates(UID, Some(QosClass::BestEffort)).len(), 2);
+    }
+
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "robin-podcg-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn finds_each_driver_and_class_in_a_real_tree() {
+        for (i, qos) in QosClass::ALL.into_iter().enumerate() {
+            for (j, layout) in [systemd_path, cgroupfs_path].into_iter().enumerate() {
+                let s = Scratch::new(&format!("{i}{j}"));
+                let dir = s.0.join(layout(UID, qos));
+                fs::create_dir_all(&dir).unwrap();
+                // Known class and unknown class both find it.
+                assert_eq!(find(&s.0, UID, Some(qos)).unwrap(), dir);
+                assert_eq!(find(&s.0, UID, None).unwrap(), dir);
+                // Another uid does not.
+                assert!(matches!(
+                    find(&s.0, "1111-2222", None),
+                    Err(PodCgroupError::NotFound { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_path_like_uids() {
+        let s = Scratch::new("bad");
+        for bad in ["../x", "", "a/b", "pod uid"] {
+            assert!(matches!(
+                find(&s.0, bad, None),
+                Err(PodCgroupError::BadUid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn pids_come_from_the_pod_and_its_containers() {
+        let s = Scratch::new("pids");
+        let pod = s.0.join("pod");
+        fs::create_dir_all(pod.join("ctr-a")).unwrap();
+        fs::create_dir_all(pod.join("ctr-b")).unwrap();
+        fs::write(pod.join("cgroup.procs"), "").unwrap();
+        fs::write(pod.join("ctr-a/cgroup.procs"), "11\n12\n").unwrap();
+        fs::write(pod.join("ctr-b/cgroup.procs"), "13\n").unwrap();
+        assert_eq!(pids(&pod).unwrap(), vec![11, 12, 13]);
+        fs::write(pod.join("ctr-a/cgroup.procs"), "").unwrap();
+        fs::write(pod.join("ctr-b/cgroup.procs"), "").unwrap();
+        assert!(matches!(
+            pick_pid(&pod, Path::new("/x")),
+            Err(PodCgroupError::NoProcess(_))
+        ));
+    }
+
+    #[test]
+    fn pick_pid_prefers_a_process_that_sees_the_file() {
+        let s = Scratch::new("pick");
+        let pod = s.0.join("pod");
+        fs::create_dir_all(&pod).unwrap();
+        let me = std::process::id();
+        // Pid 1's view is usually ours too; the file exists, so the first pid is taken.
+        fs::write(pod.join("cgroup.procs"), format!("{me}\n")).unwrap();
+        let file = s.0.join("token");
+        fs::write(&file, "t").unwrap();
+        assert_eq!(pick_pid(&pod, &file).unwrap(), (me, true));
+        assert_eq!(pick_pid(&pod, &s.0.join("absent")).unwrap(), (me, false));
+        assert_eq!(
+            in_pod_root(7, Path::new("/var/run/x")),
+            Path::new("/proc/7/root/var/run/x")
+        );
+    }
+}
