@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+pub mod node_fixture;
+
 pub use robin_agent::capture::{Cgroup, NetNs, find_cgroup2_mount};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);

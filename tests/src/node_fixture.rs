@@ -1,0 +1,322 @@
+//! Fixtures for `robin node` end-to-end tests: a fake Kubernetes API server (a real HTTP server
+//! answering list and watch of pods, driven by the test), kubelet-like cgroup trees, simulated
+//! pods and small clients for the agent's admin plane.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{Cgroup, ChildGuard, Netns, Pki, Topology, command_in};
+
+pub const HOST: &str = "api.test";
+pub const NODE: &str = "node-a";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+// ---- a fake Kubernetes API server: list and watch of pods ----
+
+#[derive(Default)]
+pub struct ApiState {
+    pub pods: BTreeMap<String, Value>,
+    rv: u64,
+    watchers: Vec<mpsc::Sender<String>>,
+    /// Until opened, lists fail (500): the agent cannot have synced.
+    open: bool,
+}
+
+pub struct FakeApi {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<ApiState>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl FakeApi {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding fake api");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let accept = thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (st, sp) = (st.clone(), sp.clone());
+                        thread::spawn(move || serve_api(conn, &st, &sp));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            addr,
+            state,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().open = true;
+    }
+
+    pub fn event(&self, kind: &str, uid: &str, pod: Option<Value>) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv.to_string();
+        let mut obj = match pod {
+            Some(p) => p,
+            None => s.pods.remove(uid).expect("deleting an unknown pod"),
+        };
+        obj["metadata"]["resourceVersion"] = json!(rv);
+        if kind != "DELETED" {
+            s.pods.insert(uid.to_owned(), obj.clone());
+        }
+        let line = json!({"type": kind, "object": obj}).to_string();
+        s.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    pub fn upsert(&self, pod: Value) {
+        let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
+        let kind = if self.state.lock().unwrap().pods.contains_key(&uid) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.event(kind, &uid, Some(pod));
+    }
+
+    pub fn delete(&self, uid: &str) {
+        self.event("DELETED", uid, None);
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let target = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+    // The agent must ask only for its own node's pods.
+    let selector = format!("fieldSelector=spec.nodeName%3D{NODE}");
+    if !target.starts_with("/api/v1/pods?") || !target.contains(&selector) {
+        let _ = conn.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        return;
+    }
+    if !target.contains("watch=1") {
+        let body = {
+            let s = state.lock().unwrap();
+            if !s.open {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                return;
+            }
+            json!({
+                "kind": "PodList",
+                "metadata": {"resourceVersion": s.rv.to_string()},
+                "items": s.pods.values().filter(|p| p["spec"]["nodeName"] == NODE).collect::<Vec<_>>(),
+            })
+            .to_string()
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    state.lock().unwrap().watchers.push(tx);
+    if conn
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .is_err()
+    {
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let line = format!("{line}\n");
+                if write!(conn, "{:x}\r\n{line}\r\n", line.len()).is_err() {
+                    return;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+// ---- simulated pods ----
+
+/// Cgroups created parent first, removed children first (removal kills what is left inside).
+pub struct CgroupTree(pub Vec<Cgroup>);
+
+impl CgroupTree {
+    pub fn mkdirs(&mut self, root: &Path, rel: &Path) -> PathBuf {
+        let mut p = root.to_owned();
+        for c in rel.components() {
+            p.push(c);
+            if !p.exists() {
+                self.0
+                    .push(Cgroup::create(p.clone()).expect("creating cgroup"));
+            }
+        }
+        p
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        while let Some(c) = self.0.pop() {
+            drop(c);
+        }
+    }
+}
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+pub fn pod_uid() -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        NEXT_UID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn pod_json(name: &str, uid: &str, qos: &str, annotations: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": "team", "uid": uid, "annotations": annotations},
+        "spec": {"nodeName": NODE, "serviceAccountName": "default"},
+        "status": {"phase": "Running", "qosClass": qos},
+    })
+}
+
+pub fn start_upstream(topo: &Topology, pki: &Pki, log: &Path) -> ChildGuard {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", topo.upstream.name(), "python3"])
+        .arg(script)
+        .args([topo.upstream_ip4.to_string(), "443".into()])
+        .arg(pki.file("upstream.crt"))
+        .arg(pki.file("upstream.key"))
+        .arg(log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting upstream.py");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("reading upstream readiness");
+    assert_eq!(line.trim(), "ready", "upstream did not start");
+    ChildGuard(child)
+}
+
+/// `curl https://api.test/` from inside `netns` and `cgroup`; the upstream's echo as JSON.
+pub fn curl(topo_netns: &Netns, cgroup: &Cgroup, path: &str) -> Value {
+    let out = command_in(
+        topo_netns,
+        Some(cgroup),
+        "curl",
+        &["-sS", "--max-time", "20", &format!("https://{HOST}{path}")],
+    )
+    .env_remove("HTTPS_PROXY")
+    .env_remove("https_proxy")
+    .env_remove("ALL_PROXY")
+    .output()
+    .expect("running curl");
+    assert!(
+        out.status.success(),
+        "curl {path} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `GET path` on the admin plane: (status, body).
+pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn debug_pods(port: u16) -> Vec<Value> {
+    let (status, body) = admin_get(port, "/debug/pods").expect("admin plane answers");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+pub fn pod_state(port: u16, uid: &str) -> Option<Value> {
+    debug_pods(port).into_iter().find(|p| p["uid"] == uid)
+}
+
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
