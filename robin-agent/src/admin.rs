@@ -220,6 +220,7 @@ mod tests {
                 token_path: None,
                 token_visible: Some(true),
                 captured_at_unix: None,
+                adopted: None,
             },
         );
         let m = metrics(&shared);

@@ -6,6 +6,11 @@
 //!
 //! One task owns the [`Capturer`] and all per-pod state; the pod watch feeds it events, a 1 s
 //! tick retries pods that could not be captured yet (no cgroup or no process yet).
+//!
+//! Capture is pinned in bpffs and outlives the agent: while the agent is down (crash, upgrade),
+//! a captured pod's connects are still redirected, find no listener and are refused. A starting
+//! agent adopts the pinned attachments: each is replaced, without a gap, when its pod is
+//! captured again, and released once the first pod list shows its pod is gone.
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
@@ -26,7 +31,9 @@ use tokio::{
 };
 
 use crate::{
-    capture::{self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs},
+    capture::{
+        self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs, PinDir,
+    },
     config::ConfigArgs,
     proxy::{Dialer, Limits, Proxy},
 };
@@ -50,6 +57,7 @@ pub const ENV_KUBE_API: &str = "ROBIN_KUBE_API";
 pub const ENV_KUBE_TOKEN_FILE: &str = "ROBIN_KUBE_TOKEN_FILE";
 pub const ENV_KUBE_CA: &str = "ROBIN_KUBE_CA";
 pub const ENV_ADMIN_ADDR: &str = "ROBIN_ADMIN_ADDR";
+pub const ENV_BPF_PIN_DIR: &str = "ROBIN_BPF_PIN_DIR";
 
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -95,6 +103,10 @@ pub struct NodeArgs {
     /// Admin plane: /healthz, /readyz, /metrics, /debug/pods.
     #[arg(long, env = ENV_ADMIN_ADDR, default_value = "0.0.0.0:4001")]
     pub admin_addr: SocketAddr,
+    /// Where maps and per-pod links are pinned (must be on the host's bpffs); what keeps pods
+    /// captured, failing closed, while the agent restarts.
+    #[arg(long, env = ENV_BPF_PIN_DIR, default_value = "/sys/fs/bpf/robin", value_name = "DIR")]
+    pub bpf_pin_dir: PathBuf,
 }
 
 /// What a pod asks for through its annotations.
@@ -180,6 +192,9 @@ pub struct PodView {
     pub token_visible: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub captured_at_unix: Option<u64>,
+    /// The capture replaced one pinned by an earlier agent (the pod was never uncaptured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<bool>,
 }
 
 /// Summed counters of proxies of pods no longer captured, so /metrics never goes backwards.
@@ -283,7 +298,14 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         capture = ?cfg.base.capture,
         "effective configuration"
     );
-    let capturer = Capturer::load().context("loading eBPF capture")?;
+    let pins = PinDir::open(&args.bpf_pin_dir).context("opening the bpffs pin directory")?;
+    let capturer = Capturer::load_pinned(pins).context("loading eBPF capture")?;
+    let adopted = capturer.adopt_pinned();
+    tracing::info!(
+        pin_dir = %args.bpf_pin_dir.display(),
+        adopted = adopted.len(),
+        "eBPF capture loaded"
+    );
     shared.programs_loaded.store(true, Ordering::Relaxed);
     let cgroup_root = match args.cgroup_root.clone().or(cfg.cgroup_root.clone()) {
         Some(r) => r,
@@ -315,6 +337,8 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         shared,
         known: HashMap::new(),
         captured: HashMap::new(),
+        adopted,
+        listed: false,
     };
     tokio::select! {
         () = reconciler.run(rx) => {}
@@ -354,6 +378,11 @@ struct Reconciler {
     /// Opted-in pods as last seen, by uid.
     known: HashMap<String, Pod>,
     captured: HashMap<String, Captured>,
+    /// Pinned attachments not (yet) claimed by a pod, by cgroup id: left by an earlier agent,
+    /// or kept across a change of capture ports.
+    adopted: HashMap<u64, Attachment>,
+    /// A complete pod list has been applied: adopted attachments no pod claims can go.
+    listed: bool,
 }
 
 impl Reconciler {
@@ -385,6 +414,8 @@ impl Reconciler {
                         for pod in fresh.into_values() {
                             self.apply(pod);
                         }
+                        self.listed = true;
+                        self.release_unclaimed();
                     }
                     Some(PodEvent::Applied(pod)) => self.apply(pod),
                     Some(PodEvent::Deleted(pod)) => self.forget(&pod.metadata.uid),
@@ -399,6 +430,7 @@ impl Reconciler {
                     for pod in pending {
                         self.apply(pod);
                     }
+                    self.release_unclaimed();
                     self.refresh_views();
                 }
             }
@@ -420,6 +452,7 @@ impl Reconciler {
             token_path: None,
             token_visible: None,
             captured_at_unix: None,
+            adopted: None,
         }
     }
 
@@ -482,9 +515,22 @@ impl Reconciler {
                 }
                 return;
             }
-            // Ports changed: recapture. The kernel config is keyed by cgroup, so the old
-            // attachment goes first; connects in between are not redirected.
-            self.release(&uid);
+            // Ports changed: recapture. The old attachment stays until the new one is in
+            // place (connects meanwhile are refused, never sent direct).
+            if let Some(old) = self.captured.remove(&uid) {
+                old.serve.abort();
+                self.adopted
+                    .insert(old.attachment.cgroup_id(), old.attachment);
+                if let Some(p) = self
+                    .shared
+                    .proxies
+                    .lock()
+                    .expect("proxies lock")
+                    .remove(&uid)
+                {
+                    self.retire(&p);
+                }
+            }
         }
         match self.capture(&pod, &want) {
             Ok(view) => {
@@ -544,9 +590,19 @@ impl Reconciler {
             self.capturer.orig_dst_table(),
         )?);
         let settings = CaptureSettings::new(ports.clone(), listener.ports().port);
+        let pod_cgroup = Cgroup::existing(cgroup.clone());
+        let cgroup_id = pod_cgroup.id().map_err(capture::ebpf::CaptureError::from)?;
+        let previous = self.adopted.remove(&cgroup_id);
+        let adopted = previous.is_some();
         let attachment = self
             .capturer
-            .attach(&Cgroup::existing(cgroup.clone()), &settings)?;
+            .attach_replacing(&pod_cgroup, &settings, previous)
+            .map_err(|e| {
+                if let Some(p) = e.previous {
+                    self.adopted.insert(cgroup_id, p);
+                }
+                e.error
+            })?;
         let (proxy_tx, proxy_rx) = watch::channel(proxy.clone());
         let span = tracing::info_span!("pod", pod = %pod.key());
         let serve = tokio::spawn(tracing::Instrument::instrument(
@@ -583,6 +639,7 @@ impl Reconciler {
             .duration_since(UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs());
+        view.adopted = Some(adopted);
         Ok(view)
     }
 
@@ -632,6 +689,42 @@ impl Reconciler {
                 v.token_visible = Some(visible);
             }
             tracing::info!(uid, pid, token_visible = visible, "pod process re-selected");
+        }
+    }
+
+    /// Releases adopted attachments that no opted-in pod claims, once a complete pod list has
+    /// been applied: their pods were deleted (or opted out) while no agent was running. An
+    /// attachment whose pod is still wanted but not captured yet is kept: better refused than
+    /// sent direct.
+    fn release_unclaimed(&mut self) {
+        if !self.listed || self.adopted.is_empty() {
+            return;
+        }
+        let wanted: Vec<u64> = self
+            .known
+            .iter()
+            .filter(|(uid, _)| !self.captured.contains_key(*uid))
+            .filter_map(|(uid, pod)| {
+                let qos = pod
+                    .status
+                    .qos_class
+                    .as_deref()
+                    .and_then(podcgroup::QosClass::parse);
+                let path = podcgroup::find(&self.cgroup_root, uid, qos).ok()?;
+                Cgroup::existing(path).id().ok()
+            })
+            .collect();
+        let unclaimed: Vec<u64> = self
+            .adopted
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        for id in unclaimed {
+            if let Some(a) = self.adopted.remove(&id) {
+                self.capturer.detach(a);
+                tracing::info!(cgroup_id = id, "released a pinned capture no pod claims");
+            }
         }
     }
 

@@ -290,6 +290,63 @@ pub fn robin_bin() -> PathBuf {
     bin
 }
 
+/// A directory of its own on the host's bpffs for one `robin node` (`--bpf-pin-dir`). Removing
+/// it on drop unpins everything the agent left there, which detaches its cgroup programs even
+/// when the agent was killed.
+pub struct BpfPins(PathBuf);
+
+impl BpfPins {
+    pub fn new() -> Self {
+        let root = Path::new("/sys/fs/bpf");
+        let is_bpffs = |p: &Path| {
+            nix::sys::statfs::statfs(p)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        };
+        if !is_bpffs(root) {
+            // systemd mounts it on every ordinary host; a bare test machine may not have it.
+            let out = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .output()
+                .expect("running mount");
+            assert!(
+                out.status.success() && is_bpffs(root),
+                "privileged test: /sys/fs/bpf is not a bpf filesystem and mounting one failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dir = root.join(format!("robin-test-{}", unique_id()));
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Pinned attachments, by cgroup id (the agent's `cgroups/<id>/` directories).
+    pub fn attached_cgroups(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = std::fs::read_dir(self.0.join("cgroups"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+impl Default for BpfPins {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for BpfPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Kills and reaps a background process (upstream servers) when the test ends.
 pub struct ChildGuard(pub std::process::Child);
 

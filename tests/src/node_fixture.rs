@@ -304,7 +304,9 @@ pub fn debug_pods(port: u16) -> Vec<Value> {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// The pod's entry in `/debug/pods`; `None` also while the admin plane is not answering yet.
 pub fn pod_state(port: u16, uid: &str) -> Option<Value> {
+    admin_get(port, "/debug/pods")?;
     debug_pods(port).into_iter().find(|p| p["uid"] == uid)
 }
 

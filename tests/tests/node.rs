@@ -11,7 +11,7 @@ use std::{
 };
 
 use robin_e2e::{
-    Cgroup, ChildGuard, Pki, TempDir, Topology, command_in, find_cgroup2_mount,
+    BpfPins, Cgroup, ChildGuard, Pki, TempDir, Topology, command_in, find_cgroup2_mount,
     node_fixture::{
         CgroupTree, FakeApi, HOST, NODE, admin_get, curl, debug_pods, free_port, metric, pod_json,
         pod_state, pod_uid, start_upstream, wait_for,
@@ -138,20 +138,8 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
 
     let admin = free_port();
     let agent_log = dir.path().join("agent.log");
-    let _agent = ChildGuard(
-        Command::new(robin_bin())
-            .args(["node", "--node-name", NODE, "--kube-api", &api.url()])
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup-root")
-            .arg(&root)
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .env("ROBIN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log).unwrap())
-            .spawn()
-            .expect("starting robin node"),
-    );
+    let pins = BpfPins::new();
+    let _agent = start_agent(&api, &config, &root, admin, &pins, &agent_log);
     let agent_logs = || std::fs::read_to_string(&agent_log).unwrap_or_default();
 
     // Not ready while the pod list fails.
@@ -264,6 +252,11 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     );
     let m = admin_get(admin, "/metrics").unwrap().1;
     assert_eq!(metric(&m, "robin_pods{state=\"captured\"}"), 1, "{m}");
+    assert_eq!(
+        pins.attached_cgroups(),
+        vec![pod_cgroup_id(&cg_a)],
+        "the released pod's links are unpinned"
+    );
     // Counters of the released pod are kept.
     assert_eq!(metric(&m, "robin_requests_total{class=\"2xx\"}"), 3, "{m}");
 
@@ -272,6 +265,217 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
         assert!(
             !logs.contains(tok),
             "a token reached the agent's logs:\n{logs}"
+        );
+    }
+}
+
+/// `robin node` against `api`, pinning under `pins`, logging to `log`.
+fn start_agent(
+    api: &FakeApi,
+    config: &Path,
+    cgroup_root: &Path,
+    admin: u16,
+    pins: &BpfPins,
+    log: &Path,
+) -> ChildGuard {
+    ChildGuard(
+        Command::new(robin_bin())
+            .args(["node", "--node-name", NODE, "--kube-api", &api.url()])
+            .arg("--config")
+            .arg(config)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
+            .arg("--bpf-pin-dir")
+            .arg(pins.path())
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .env("ROBIN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting robin node"),
+    )
+}
+
+/// The cgroup id of the pod cgroup above a container cgroup (what the agent attaches to).
+fn pod_cgroup_id(container: &Cgroup) -> u64 {
+    Cgroup::existing(container.path().parent().unwrap())
+        .id()
+        .unwrap()
+}
+
+/// Requests the upstream has served so far.
+fn served(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
+    require_privileges();
+    let dir = TempDir::new("restart");
+    let pki = Pki::new(dir.path(), &[HOST]);
+    let topo_a = Topology::new(0);
+    let topo_b = Topology::new(0);
+    let cas = [pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")];
+    for t in [&topo_a, &topo_b] {
+        pod_etc(&t.pod, &[(HOST, IpAddr::from(t.upstream_ip4))], &cas);
+    }
+    let (log_a, log_b) = (dir.path().join("up-a.log"), dir.path().join("up-b.log"));
+    let _up_a = start_upstream(&topo_a, &pki, &log_a);
+    let _up_b = start_upstream(&topo_b, &pki, &log_b);
+    let tok = "tok-restart.pod-alpha";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, tok).unwrap();
+
+    let parent = find_cgroup2_mount().unwrap().join("robin-test");
+    std::fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
+    let root = parent.join(format!("node{}", unique_id()));
+    let mut tree = CgroupTree(vec![
+        Cgroup::create(root.clone()).expect("creating cgroup root"),
+    ]);
+    let (uid_a, uid_b) = (pod_uid(), pod_uid());
+    let cg_a = Cgroup::existing(
+        tree.mkdirs(
+            &root,
+            &Path::new("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid_a.replace('-', "_")
+                ))
+                .join("cri-containerd-a.scope"),
+        ),
+    );
+    let cg_b = Cgroup::existing(
+        tree.mkdirs(
+            &root,
+            &Path::new("kubepods/burstable")
+                .join(format!("pod{uid_b}"))
+                .join("ctr-b"),
+        ),
+    );
+    let mut pod_a = ChildGuard(
+        command_in(&topo_a.pod, Some(&cg_a), "sleep", &["600"])
+            .spawn()
+            .expect("starting pod a"),
+    );
+    let _pod_b = ChildGuard(
+        command_in(&topo_b.pod, Some(&cg_b), "sleep", &["600"])
+            .spawn()
+            .expect("starting pod b"),
+    );
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n[[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\n",
+            pki.file("robin-ca.crt"),
+            pki.file("robin-ca.key"),
+            pki.file("upstream-ca.crt"),
+        ),
+    )
+    .unwrap();
+    let api = FakeApi::start();
+    api.open();
+    let inject =
+        json!({"robin.dev/inject": "true", "robin.dev/token-path": token_file.to_str().unwrap()});
+    api.upsert(pod_json("a", &uid_a, "BestEffort", inject.clone()));
+    api.upsert(pod_json("b", &uid_b, "Burstable", inject));
+
+    let pins = BpfPins::new();
+    let admin = free_port();
+    let (log1, log2) = (dir.path().join("agent1.log"), dir.path().join("agent2.log"));
+    let mut agent = start_agent(&api, &config, &root, admin, &pins, &log1);
+    for uid in [&uid_a, &uid_b] {
+        wait_for("pods captured", || {
+            pod_state(admin, uid).filter(|p| p["state"] == "captured" && p["adopted"] == false)
+        });
+    }
+    let seen = curl(&topo_a.pod, &cg_a, "/before");
+    assert_eq!(seen["authorization"], json!([format!("Bearer {tok}")]));
+    let (id_a, id_b) = (pod_cgroup_id(&cg_a), pod_cgroup_id(&cg_b));
+    let mut both = vec![id_a, id_b];
+    both.sort_unstable();
+    assert_eq!(
+        pins.attached_cgroups(),
+        both,
+        "each captured pod's links are pinned"
+    );
+
+    // kill -9: nothing runs on the way out.
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    assert!(
+        admin_get(admin, "/healthz").is_none(),
+        "the agent is still answering"
+    );
+    assert_eq!(pins.attached_cgroups(), both, "pins outlive the agent");
+
+    // Fail closed: the ruled connect is refused in the kernel, nothing reaches the upstream
+    // (with or without a token).
+    let before = served(&log_a);
+    for attempt in 0..3 {
+        let out = command_in(
+            &topo_a.pod,
+            Some(&cg_a),
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("https://{HOST}/while-down-{attempt}"),
+            ],
+        )
+        .output()
+        .expect("running curl");
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "curl must fail to connect while the agent is down: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(served(&log_a), before, "a request bypassed the dead agent");
+
+    // Pod b goes away while no agent runs.
+    api.delete(&uid_b);
+
+    agent = start_agent(&api, &config, &root, admin, &pins, &log2);
+    let view = wait_for("pod a re-captured", || {
+        pod_state(admin, &uid_a).filter(|p| p["state"] == "captured")
+    });
+    assert_eq!(view["adopted"], true, "{view}");
+    wait_for("pod b's pins released", || {
+        (pins.attached_cgroups() == vec![id_a]).then_some(())
+    });
+    let seen = curl(&topo_a.pod, &cg_a, "/after");
+    assert_eq!(seen["authorization"], json!([format!("Bearer {tok}")]));
+    // Pod b's connects go direct again.
+    let seen = curl(&topo_b.pod, &cg_b, "/b-after");
+    assert_eq!(seen["authorization"], json!([]), "pod b still captured");
+    // The pod itself was never touched.
+    assert!(
+        pod_a.0.try_wait().unwrap().is_none(),
+        "the pod's process did not survive the agent restart"
+    );
+
+    // Uninstall is removing the pins: capture goes, the pod's connects go direct.
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    std::fs::remove_dir_all(pins.path()).unwrap();
+    let seen = curl(&topo_a.pod, &cg_a, "/uninstalled");
+    assert_eq!(
+        seen["authorization"],
+        json!([]),
+        "pins removed but still captured"
+    );
+
+    for log in [&log1, &log2] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !text.contains(tok),
+            "a token reached the agent's logs:\n{text}"
         );
     }
 }

@@ -4,17 +4,28 @@
 //! same five programs and an entry in `CAPTURE_CONFIG` keyed by its cgroup id. Attachments are
 //! bpf_links, which the kernel always treats as multi-attach (other cgroup programs keep
 //! working); it rejects any attach flag on a link, hence `CgroupAttachMode::Single` (flags 0).
+//!
+//! Two lifetimes. `robin exec` owns its links: they go when the process goes, together with the
+//! workload it started. `robin node` pins maps and links in bpffs ([`PinDir`]): a captured pod
+//! stays captured while the agent is down or restarting, so its connects keep being redirected
+//! to a listener that no longer exists and are refused (fail closed), and a new agent adopts the
+//! pinned attachments instead of leaving a gap.
 use std::{
+    collections::HashMap,
+    fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, MapError},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
+        sock_ops::SockOpsLinkId,
     },
 };
 use robin_common::{
@@ -37,6 +48,8 @@ pub enum CaptureError {
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {0}: {1}")]
     Program(&'static str, #[source] ProgramError),
+    #[error("eBPF link of {0}: {1}")]
+    Link(&'static str, #[source] aya::programs::links::LinkError),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("eBPF map {0}: {1}")]
@@ -53,6 +66,101 @@ pub enum CaptureError {
     PortZero,
     #[error("prefix length {1} is too long for {0}")]
     BadPrefix(IpAddr, u8),
+    #[error(
+        "{0} is not on a bpf filesystem: mount the host's bpffs there (in Kubernetes a hostPath \
+         volume of /sys/fs/bpf), otherwise capture would not survive an agent restart"
+    )]
+    NotBpffs(PathBuf),
+    #[error("{op} {path}: {source}")]
+    Pin {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn pin_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CaptureError + 'a {
+    move |source| CaptureError::Pin {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Version of the map layouts in `robin-common`. Maps are pinned under `maps/v<N>/`, so an agent
+/// with another layout never reuses (and misreads) maps pinned by an older one.
+const MAP_ABI_VERSION: u32 = 1;
+
+/// Where `robin node` pins its state (default `/sys/fs/bpf/robin`):
+///
+/// ```text
+/// maps/v1/{CAPTURE_CONFIG,SOCK_ORIG_DST,ORIG_DST_BY_PEER}
+/// cgroups/<cgroup id>/{sock_ops,getpeername4,getpeername6,connect4,connect6}   (links)
+/// ```
+///
+/// Removing a link's file (with no process holding it) detaches it; removing the whole directory
+/// uninstalls Robin from the node.
+#[derive(Clone, Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// Checks the directory is on bpffs (pins elsewhere are impossible, and a private bpffs
+    /// instance would die with the agent's mount namespace) and creates it.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, CaptureError> {
+        let path = path.into();
+        let mut existing = path.as_path();
+        while !existing.exists() {
+            existing = existing
+                .parent()
+                .ok_or_else(|| CaptureError::NotBpffs(path.clone()))?;
+        }
+        let fs = nix::sys::statfs::statfs(existing).map_err(|e| CaptureError::Pin {
+            op: "statfs",
+            path: existing.to_owned(),
+            source: e.into(),
+        })?;
+        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+            return Err(CaptureError::NotBpffs(path));
+        }
+        let dir = Self(path);
+        for d in [dir.maps(), dir.cgroups()] {
+            fs::create_dir_all(&d).map_err(pin_err("creating", &d))?;
+        }
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.0.join("maps").join(format!("v{MAP_ABI_VERSION}"))
+    }
+
+    fn cgroups(&self) -> PathBuf {
+        self.0.join("cgroups")
+    }
+
+    fn cgroup(&self, cgroup_id: u64) -> PathBuf {
+        self.cgroups().join(cgroup_id.to_string())
+    }
+
+    /// Map directories of other layout versions: their maps are only referenced by programs of
+    /// adopted links, which are replaced, so the pins can go.
+    fn stale_map_dirs(&self) -> Vec<PathBuf> {
+        let current = self.maps();
+        fs::read_dir(self.0.join("maps"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| *p != current)
+            .collect()
+    }
 }
 
 /// What one cgroup captures. Loopback is always excluded in the kernel; `exclude` adds to it.
@@ -186,17 +294,41 @@ impl OrigDstTable {
     }
 }
 
+/// A failed [`Capturer::attach_replacing`]: the error, and the previous attachment, still in
+/// place, if there was one.
+#[derive(Debug)]
+pub struct ReplaceError {
+    pub error: CaptureError,
+    pub previous: Option<Attachment>,
+}
+
 /// Handle on one attached cgroup; pass it back to [`Capturer::detach`].
 #[derive(Debug)]
 pub struct Attachment {
     cgroup_id: u64,
-    sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
-    sock_ops: Option<SockOpsLinkId>,
+    links: Links,
+}
+
+#[derive(Debug)]
+enum Links {
+    /// Owned by the loaded programs: detached when the [`Capturer`] goes.
+    Owned {
+        sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
+        sock_ops: Option<SockOpsLinkId>,
+    },
+    /// Pinned in bpffs: attached until the pins are removed ([`Capturer::detach`]). Dropping
+    /// this closes the agent's file descriptors only.
+    Pinned(Vec<(&'static str, PinnedLink)>),
 }
 
 impl Attachment {
     pub fn cgroup_id(&self) -> u64 {
         self.cgroup_id
+    }
+
+    /// Whether the attachment outlives the agent.
+    pub fn is_pinned(&self) -> bool {
+        matches!(self.links, Links::Pinned(_))
     }
 }
 
@@ -205,12 +337,36 @@ pub struct Capturer {
     config: BpfHashMap<MapData, u64, CaptureConfig>,
     sockets: BpfHashMap<MapData, u64, SockRecord>,
     table: Arc<OrigDstTable>,
+    pins: Option<PinDir>,
 }
 
 impl Capturer {
-    /// Loads the object and its programs into the kernel (nothing is attached yet).
+    /// Loads the object and its programs into the kernel (nothing is attached yet). Links and
+    /// maps belong to this process.
     pub fn load() -> Result<Self, CaptureError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        Self::load_with(Ebpf::load(EBPF_OBJECT)?, None)
+    }
+
+    /// Like [`Capturer::load`], but maps are pinned under `pins` (reused if an earlier agent
+    /// pinned them) and every attachment is pinned too. Attachments an earlier agent left are
+    /// returned by [`Capturer::adopt_pinned`].
+    pub fn load_pinned(pins: PinDir) -> Result<Self, CaptureError> {
+        let maps = pins.maps();
+        let paths = [
+            names::CAPTURE_CONFIG,
+            names::SOCK_ORIG_DST,
+            names::ORIG_DST_BY_PEER,
+        ]
+        .map(|name| (name, maps.join(name)));
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        Self::load_with(ebpf, Some(pins))
+    }
+
+    fn load_with(mut ebpf: Ebpf, pins: Option<PinDir>) -> Result<Self, CaptureError> {
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -237,7 +393,60 @@ impl Capturer {
             table: Arc::new(OrigDstTable {
                 map: Mutex::new(by_peer),
             }),
+            pins,
         })
+    }
+
+    /// Attachments pinned by an earlier agent, by cgroup id. Each stays attached (and keeps its
+    /// cgroup's connects redirected) until it is passed to [`Capturer::attach_replacing`] or
+    /// [`Capturer::detach`]. Unreadable entries are reported and left in place.
+    pub fn adopt_pinned(&self) -> HashMap<u64, Attachment> {
+        let Some(pins) = &self.pins else {
+            return HashMap::new();
+        };
+        for stale in pins.stale_map_dirs() {
+            if let Err(e) = fs::remove_dir_all(&stale) {
+                tracing::warn!(path = %stale.display(), error = %e, "removing old map pins");
+            }
+        }
+        let mut adopted = HashMap::new();
+        for entry in fs::read_dir(pins.cgroups()).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            let Some(cgroup_id) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                tracing::warn!(path = %dir.display(), "ignoring an unexpected pin");
+                continue;
+            };
+            let mut links = Vec::new();
+            for link in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = link.path();
+                let Some(name) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(program_name)
+                else {
+                    tracing::warn!(path = %path.display(), "ignoring an unexpected pin");
+                    continue;
+                };
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => links.push((name, l)),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "opening a pinned link")
+                    }
+                }
+            }
+            adopted.insert(
+                cgroup_id,
+                Attachment {
+                    cgroup_id,
+                    links: Links::Pinned(links),
+                },
+            );
+        }
+        adopted
     }
 
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
@@ -255,23 +464,54 @@ impl Capturer {
         cgroup: &Cgroup,
         settings: &CaptureSettings,
     ) -> Result<Attachment, CaptureError> {
-        let kernel_cfg = settings.to_kernel()?;
-        let cgroup_id = cgroup.id()?;
-        let dir = std::fs::File::open(cgroup.path())
-            .map_err(|e| CaptureError::OpenCgroup(cgroup.path().display().to_string(), e))?;
-        self.config
-            .insert(cgroup_id, kernel_cfg, 0)
-            .map_err(|e| CaptureError::Map(names::CAPTURE_CONFIG, e))?;
-        let mut attachment = Attachment {
-            cgroup_id,
-            sock_addr: Vec::new(),
-            sock_ops: None,
+        self.attach_replacing(cgroup, settings, None)
+            .map_err(|e| e.error)
+    }
+
+    /// Attaches `cgroup` and then retires `previous` (an adopted or older attachment of the same
+    /// cgroup). The new links are in place before the old ones go, so there is no instant in
+    /// which the cgroup's connects are not redirected: while both are attached the first
+    /// program rewrites the destination to loopback, which the second leaves alone.
+    ///
+    /// On failure the previous attachment is still attached and is handed back.
+    pub fn attach_replacing(
+        &mut self,
+        cgroup: &Cgroup,
+        settings: &CaptureSettings,
+        previous: Option<Attachment>,
+    ) -> Result<Attachment, Box<ReplaceError>> {
+        let fail = |error, previous| Box::new(ReplaceError { error, previous });
+        let prepared = settings.to_kernel().and_then(|cfg| {
+            let cgroup_id = cgroup.id()?;
+            let dir = std::fs::File::open(cgroup.path())
+                .map_err(|e| CaptureError::OpenCgroup(cgroup.path().display().to_string(), e))?;
+            Ok((cfg, cgroup_id, dir))
+        });
+        let (kernel_cfg, cgroup_id, dir) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Err(fail(e, previous)),
         };
+        // Old pins are removed from bpffs first (their links stay attached through our file
+        // descriptors) so the new links can be pinned at the same paths.
+        let previous = match previous {
+            Some(p) => match self.unpin(p) {
+                Ok(fds) => Some(fds),
+                // Whatever was unpinned before the failure is detached by now; nothing to return.
+                Err(e) => return Err(fail(e, None)),
+            },
+            None => None,
+        };
+        if let Err(e) = self.config.insert(cgroup_id, kernel_cfg, 0) {
+            let previous = previous.and_then(|p| self.restore(cgroup_id, p));
+            return Err(fail(CaptureError::Map(names::CAPTURE_CONFIG, e), previous));
+        }
+        let mut sock_addr = Vec::new();
+        let mut sock_ops = None;
         // Bookkeeping programs first, redirection last: a connect is never redirected
         // before the programs that track it are in place.
         let result = (|| {
             let ops: &mut SockOps = self.program(SOCK_OPS_PROGRAM)?;
-            attachment.sock_ops = Some(
+            sock_ops = Some(
                 ops.attach(&dir, LINK_MODE)
                     .map_err(|e| CaptureError::Program(SOCK_OPS_PROGRAM, e))?,
             );
@@ -280,36 +520,218 @@ impl Capturer {
                 let link = prog
                     .attach(&dir, LINK_MODE)
                     .map_err(|e| CaptureError::Program(name, e))?;
-                attachment.sock_addr.push((name, link));
+                sock_addr.push((name, link));
             }
             Ok(())
         })();
-        match result {
-            Ok(()) => Ok(attachment),
+        let owned = Attachment {
+            cgroup_id,
+            links: Links::Owned {
+                sock_addr,
+                sock_ops,
+            },
+        };
+        let attached = match result {
+            Ok(()) if self.pins.is_some() => self.pin(owned),
+            Ok(()) => Ok(owned),
             Err(e) => {
-                self.detach(attachment);
+                self.detach(owned);
                 Err(e)
+            }
+        };
+        match attached {
+            Ok(attachment) => {
+                // Dropping the unpinned old links detaches them.
+                drop(previous);
+                Ok(attachment)
+            }
+            Err(e) => {
+                let previous = previous.and_then(|p| self.restore(cgroup_id, p));
+                Err(fail(e, previous))
             }
         }
     }
 
-    /// Stops capturing: redirection is removed first, then bookkeeping and configuration.
-    pub fn detach(&mut self, attachment: Attachment) {
-        for (name, link) in attachment.sock_addr.into_iter().rev() {
-            match self.program::<CgroupSockAddr>(name) {
-                Ok(prog) => {
-                    if let Err(e) = prog.detach(link) {
-                        tracing::warn!(program = name, error = %e, "detaching");
-                    }
+    /// Puts back an attachment taken out by [`Capturer::unpin`] after a failed replacement:
+    /// better the previous capture than an uncaptured cgroup. Without a pin directory the old
+    /// links cannot be kept (they are dropped, i.e. detached).
+    fn restore(
+        &mut self,
+        cgroup_id: u64,
+        (links, cfg): (Vec<(&'static str, FdLink)>, CaptureConfig),
+    ) -> Option<Attachment> {
+        let _ = self.config.insert(cgroup_id, cfg, 0);
+        let Some(pins) = self.pins.clone() else {
+            tracing::warn!(
+                cgroup_id,
+                "replacing the capture failed; previous links dropped"
+            );
+            return None;
+        };
+        let dir = pins.cgroup(cgroup_id);
+        let _ = fs::create_dir_all(&dir);
+        let mut pinned = Vec::new();
+        for (name, link) in links {
+            match link.pin(dir.join(name)) {
+                Ok(l) => pinned.push((name, l)),
+                Err(e) => {
+                    tracing::warn!(cgroup_id, program = name, error = %e, "re-pinning the previous link")
                 }
-                Err(e) => tracing::warn!(error = %e, "detaching"),
             }
         }
-        if let Some(link) = attachment.sock_ops
-            && let Ok(ops) = self.program::<SockOps>(SOCK_OPS_PROGRAM)
-            && let Err(e) = ops.detach(link)
-        {
-            tracing::warn!(program = SOCK_OPS_PROGRAM, error = %e, "detaching");
+        Some(Attachment {
+            cgroup_id,
+            links: Links::Pinned(pinned),
+        })
+    }
+
+    /// Moves owned links into bpffs.
+    fn pin(&mut self, attachment: Attachment) -> Result<Attachment, CaptureError> {
+        let pins = self.pins.clone().expect("pinned capturer");
+        let cgroup_id = attachment.cgroup_id;
+        let Links::Owned {
+            sock_addr,
+            sock_ops,
+        } = attachment.links
+        else {
+            return Ok(attachment);
+        };
+        // On any error below, the links taken so far are dropped, which detaches them.
+        let fd_links = self.take_fd_links(sock_addr, sock_ops)?;
+        let dir = pins.cgroup(cgroup_id);
+        fs::create_dir_all(&dir).map_err(pin_err("creating", &dir))?;
+        let mut pinned = Vec::new();
+        for (name, link) in fd_links {
+            let path = dir.join(name);
+            match link.pin(&path) {
+                Ok(p) => pinned.push((name, p)),
+                Err(e) => {
+                    for (_, p) in pinned {
+                        let _ = p.unpin();
+                    }
+                    return Err(CaptureError::Pin {
+                        op: "pinning",
+                        path,
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+            }
+        }
+        Ok(Attachment {
+            cgroup_id,
+            links: Links::Pinned(pinned),
+        })
+    }
+
+    /// Takes owned links out of the programs' bookkeeping: each stays attached as long as its
+    /// file descriptor is open.
+    fn take_fd_links(
+        &mut self,
+        sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
+        sock_ops: Option<SockOpsLinkId>,
+    ) -> Result<Vec<(&'static str, FdLink)>, CaptureError> {
+        let mut fd_links = Vec::new();
+        if let Some(id) = sock_ops {
+            let ops: &mut SockOps = self.program(SOCK_OPS_PROGRAM)?;
+            let link = ops
+                .take_link(id)
+                .map_err(|e| CaptureError::Program(SOCK_OPS_PROGRAM, e))?;
+            let link =
+                FdLink::try_from(link).map_err(|e| CaptureError::Link(SOCK_OPS_PROGRAM, e))?;
+            fd_links.push((SOCK_OPS_PROGRAM, link));
+        }
+        for (name, id) in sock_addr {
+            let prog: &mut CgroupSockAddr = self.program(name)?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| CaptureError::Program(name, e))?;
+            let link = FdLink::try_from(link).map_err(|e| CaptureError::Link(name, e))?;
+            fd_links.push((name, link));
+        }
+        Ok(fd_links)
+    }
+
+    /// Takes an attachment's links out of bpffs (or out of the programs' bookkeeping), keeping
+    /// them attached through the returned file descriptors, with the cgroup's current kernel
+    /// configuration.
+    #[allow(clippy::type_complexity)]
+    fn unpin(
+        &mut self,
+        attachment: Attachment,
+    ) -> Result<(Vec<(&'static str, FdLink)>, CaptureConfig), CaptureError> {
+        let cfg = self
+            .config
+            .get(&attachment.cgroup_id, 0)
+            .unwrap_or(CaptureConfig::empty(0));
+        let links = match attachment.links {
+            Links::Owned {
+                sock_addr,
+                sock_ops,
+            } => self.take_fd_links(sock_addr, sock_ops)?,
+            Links::Pinned(links) => {
+                let dir = self
+                    .pins
+                    .as_ref()
+                    .map(|p| p.cgroup(attachment.cgroup_id))
+                    .unwrap_or_default();
+                let mut out = Vec::new();
+                for (name, link) in links {
+                    let fd = link
+                        .unpin()
+                        .map_err(pin_err("unpinning", &dir.join(name)))?;
+                    out.push((name, fd));
+                }
+                out
+            }
+        };
+        Ok((links, cfg))
+    }
+
+    /// Stops capturing: redirection is removed first, then bookkeeping and configuration.
+    /// Pinned attachments are unpinned, which detaches them.
+    pub fn detach(&mut self, attachment: Attachment) {
+        match attachment.links {
+            Links::Owned {
+                sock_addr,
+                sock_ops,
+            } => {
+                for (name, link) in sock_addr.into_iter().rev() {
+                    match self.program::<CgroupSockAddr>(name) {
+                        Ok(prog) => {
+                            if let Err(e) = prog.detach(link) {
+                                tracing::warn!(program = name, error = %e, "detaching");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "detaching"),
+                    }
+                }
+                if let Some(link) = sock_ops
+                    && let Ok(ops) = self.program::<SockOps>(SOCK_OPS_PROGRAM)
+                    && let Err(e) = ops.detach(link)
+                {
+                    tracing::warn!(program = SOCK_OPS_PROGRAM, error = %e, "detaching");
+                }
+            }
+            Links::Pinned(mut links) => {
+                // Redirection first: the connect programs sort last in `SOCK_ADDR_PROGRAMS`,
+                // sock_ops (not in it) goes last.
+                links.sort_by_key(|(name, _)| {
+                    std::cmp::Reverse(
+                        SOCK_ADDR_PROGRAMS
+                            .iter()
+                            .position(|p| p == name)
+                            .map_or(0, |i| i + 1),
+                    )
+                });
+                for (_, link) in links {
+                    if let Err(e) = link.unpin() {
+                        tracing::warn!(cgroup_id = attachment.cgroup_id, error = %e, "unpinning");
+                    }
+                }
+                if let Some(pins) = &self.pins {
+                    let _ = fs::remove_dir(pins.cgroup(attachment.cgroup_id));
+                }
+            }
         }
         let _ = self.config.remove(&attachment.cgroup_id);
     }
@@ -324,6 +746,15 @@ impl Capturer {
             .try_into()
             .map_err(|e| CaptureError::Program(name, e))
     }
+}
+
+/// The program a pinned link belongs to, from its pin's file name (`connect4`, …).
+fn program_name(file_name: &str) -> Option<&'static str> {
+    SOCK_ADDR_PROGRAMS
+        .iter()
+        .chain([&SOCK_OPS_PROGRAM])
+        .find(|name| **name == file_name)
+        .copied()
 }
 
 fn take_hash_map<K: aya::Pod, V: aya::Pod>(
@@ -362,6 +793,23 @@ mod tests {
             CaptureSettings::new(vec![0], 1).to_kernel(),
             Err(CaptureError::PortZero)
         ));
+    }
+
+    #[test]
+    fn pin_dir_must_be_on_bpffs() {
+        let dir = std::env::temp_dir().join(format!("robin-pins-{}", std::process::id()));
+        let err = PinDir::open(dir.join("robin")).unwrap_err();
+        assert!(matches!(err, CaptureError::NotBpffs(_)), "{err}");
+        assert!(err.to_string().contains("bpf filesystem"), "{err}");
+        assert!(!dir.exists(), "nothing is created outside bpffs");
+    }
+
+    #[test]
+    fn pinned_program_names_round_trip() {
+        for name in SOCK_ADDR_PROGRAMS.iter().chain([&SOCK_OPS_PROGRAM]) {
+            assert_eq!(program_name(name), Some(*name));
+        }
+        assert_eq!(program_name("connect4.tmp"), None);
     }
 
     #[test]
