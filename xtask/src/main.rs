@@ -113,13 +113,68 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     manifests()?;
     // Privileged tests share kernel state (cgroup2 tree, netns names); two threads keep the
     // suite quick while every world is uniquely named.
-    status(
-        cargo()
-            .args(["test", "--workspace", "--exclude", "robin-ebpf", "--"])
-            .args(["--test-threads=2"])
-            .args(extra)
-            .env("ROBIN_BIN", &robin),
-    )
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "robin-ebpf", "--"])
+        .args(["--test-threads=2"])
+        .args(extra)
+        .env("ROBIN_BIN", &robin)
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("spawning cargo test")?;
+    // Every line goes through as it comes; the per-binary results are added up so the run ends
+    // with one total (the last binary cargo runs is a doc-test run with nothing in it).
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let st = child.wait().context("waiting for cargo test")?;
+    println!(
+        "\nsuite: {} passed, {} failed, {} ignored ({} test binaries)",
+        totals.passed, totals.failed, totals.ignored, totals.binaries
+    );
+    if !st.success() {
+        bail!("cargo test failed with {st}");
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    println!("{} passed, {} failed", totals.passed, totals.failed);
+    Ok(())
+}
+
+/// Sums of libtest's `test result: ok. N passed; N failed; N ignored; ...` lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    binaries: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        self.binaries += 1;
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// `kubectl kustomize` on each kustomization: a manifest that does not render fails the suite.
@@ -163,4 +218,31 @@ fn find_kustomizations(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn totals_add_up_libtest_result_lines() {
+        let mut t = TestTotals::default();
+        for line in [
+            "test result: ok. 79 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.26s",
+            "running 2 tests",
+            "test result: FAILED. 1 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.10s",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            t.add(line);
+        }
+        assert_eq!(
+            t,
+            TestTotals {
+                passed: 80,
+                failed: 1,
+                ignored: 2,
+                binaries: 3
+            }
+        );
+    }
 }
