@@ -40,6 +40,7 @@ use crate::{
 
 pub mod config;
 pub mod kube;
+pub mod kubeconfig;
 pub mod podcgroup;
 pub mod wait;
 
@@ -100,6 +101,13 @@ pub struct NodeArgs {
     /// CA bundle for an https --kube-api.
     #[arg(long, env = ENV_KUBE_CA, value_name = "FILE")]
     pub kube_ca: Option<PathBuf>,
+    /// Kubeconfig file(s), colon-separated, used when --kube-api is not given (outside a
+    /// cluster). Default when not in a pod: ~/.kube/config.
+    #[arg(long, env = kubeconfig::ENV_KUBECONFIG, value_name = "FILES")]
+    pub kubeconfig: Option<String>,
+    /// Kubeconfig context (default: its current-context).
+    #[arg(long, value_name = "NAME")]
+    pub kube_context: Option<String>,
     /// Admin plane: /healthz, /readyz, /metrics, /debug/pods.
     #[arg(long, env = ENV_ADMIN_ADDR, default_value = "0.0.0.0:4001")]
     pub admin_addr: SocketAddr,
@@ -311,11 +319,8 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         Some(r) => r,
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
     };
-    let client = match &args.kube_api {
-        Some(url) => ApiClient::new(url, args.kube_token_file.clone(), args.kube_ca.as_deref()),
-        None => ApiClient::in_cluster(|k| std::env::var(k).ok()),
-    }
-    .context("configuring the Kubernetes client")?;
+    let client = api_client(&args, |k| std::env::var(k).ok())
+        .context("configuring the Kubernetes client")?;
 
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -347,6 +352,42 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("shutting down");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which API server, in kube-rs's order: `--kube-api`; else a kubeconfig named by
+/// `--kubeconfig`/`KUBECONFIG`; else in-cluster config; else `~/.kube/config`.
+fn api_client(
+    args: &NodeArgs,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<ApiClient> {
+    if let Some(url) = &args.kube_api {
+        return Ok(ApiClient::new(
+            url,
+            args.kube_token_file.clone(),
+            args.kube_ca.as_deref(),
+        )?);
+    }
+    let from_kubeconfig = |paths: Vec<PathBuf>| -> anyhow::Result<ApiClient> {
+        let endpoint = kubeconfig::load(&paths, args.kube_context.as_deref())?;
+        tracing::info!(server = %endpoint.server, ?paths, "using kubeconfig");
+        Ok(ApiClient::from_kubeconfig(&endpoint)?)
+    };
+    if let Some(files) = args.kubeconfig.as_deref().filter(|f| !f.is_empty()) {
+        return from_kubeconfig(kubeconfig::paths_from_env(files));
+    }
+    match ApiClient::in_cluster(&lookup) {
+        Err(kube::KubeError::NotInCluster) => {
+            let home = lookup("HOME").map(PathBuf::from);
+            match home.map(|h| h.join(".kube/config")).filter(|p| p.exists()) {
+                Some(p) => from_kubeconfig(vec![p]),
+                None => Err(anyhow::anyhow!(
+                    "no API server: not in a cluster ({} unset), no --kube-api, no kubeconfig",
+                    kube::ENV_SERVICE_HOST
+                )),
+            }
+        }
+        other => Ok(other?),
+    }
 }
 
 async fn sigterm() {

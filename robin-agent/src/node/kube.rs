@@ -2,8 +2,9 @@
 //!
 //! Hand-rolled over hyper (already a dependency) instead of kube-rs + k8s-openapi: the agent needs
 //! one resource, five fields of it and two verbs, and the generated API crates would add far more
-//! to the build than the whole agent. One connection per request; the bearer token is re-read for
-//! every request because in-cluster tokens rotate.
+//! to the build than the whole agent. One connection per request; a token file is re-read for
+//! every request because in-cluster tokens rotate. Where the API server is and how to
+//! authenticate comes from in-cluster config, flags, or a kubeconfig (`super::kubeconfig`).
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -26,6 +27,9 @@ use tokio::{
     net::TcpStream,
     sync::mpsc,
 };
+
+use super::kubeconfig::{ApiAuth, ApiEndpoint};
+use crate::identity::Token;
 
 pub const ENV_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
 pub const ENV_SERVICE_PORT: &str = "KUBERNETES_SERVICE_PORT";
@@ -69,6 +73,10 @@ pub enum KubeError {
     Gone,
     #[error("building request: {0}")]
     Request(#[from] http::Error),
+    #[error("client certificate: {0}")]
+    ClientCert(&'static str),
+    #[error("token in {0}: {1}")]
+    BadToken(PathBuf, #[source] crate::identity::TokenError),
 }
 
 // ---- the part of a Pod the agent reads ----
@@ -148,12 +156,22 @@ pub enum PodEvent {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// The bearer credential sent with every request, if any (client certificates live in the TLS
+/// config).
+#[derive(Clone, Debug)]
+enum Bearer {
+    None,
+    /// Re-read for every request: in-cluster tokens rotate.
+    File(PathBuf),
+    Static(Token),
+}
+
 #[derive(Clone)]
 pub struct ApiClient {
     /// `host:port` to connect to.
     authority: String,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-    token_file: Option<PathBuf>,
+    bearer: Bearer,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -161,7 +179,7 @@ impl std::fmt::Debug for ApiClient {
         f.debug_struct("ApiClient")
             .field("authority", &self.authority)
             .field("tls", &self.tls.is_some())
-            .field("token_file", &self.token_file)
+            .field("bearer", &self.bearer)
             .finish()
     }
 }
@@ -191,6 +209,48 @@ impl ApiClient {
         token_file: Option<PathBuf>,
         ca: Option<&Path>,
     ) -> Result<Self, KubeError> {
+        let ca_pem = match ca {
+            Some(ca) => Some(std::fs::read(ca).map_err(|e| KubeError::Read(ca.to_owned(), e))?),
+            None => None,
+        };
+        let auth = token_file.map_or(ApiAuth::None, ApiAuth::TokenFile);
+        Self::from_endpoint(&ApiEndpoint {
+            server: url.to_owned(),
+            ca_pem,
+            tls_server_name: None,
+            auth,
+        })
+        .map_err(|e| match (e, ca) {
+            (KubeError::NoCa(_), Some(ca)) => KubeError::NoCa(ca.to_owned()),
+            (e, _) => e,
+        })
+    }
+
+    /// The context of a kubeconfig. Plain `http://` only to a loopback address (`kubectl
+    /// proxy`): anything else would send credentials in the clear.
+    pub fn from_kubeconfig(endpoint: &ApiEndpoint) -> Result<Self, KubeError> {
+        let uri: Uri = endpoint
+            .server
+            .parse()
+            .map_err(|_| KubeError::BadUrl(endpoint.server.clone()))?;
+        if uri.scheme_str() == Some("http") {
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(KubeError::BadUrl(format!(
+                    "{} (plain http only to loopback)",
+                    endpoint.server
+                )));
+            }
+        }
+        Self::from_endpoint(endpoint)
+    }
+
+    fn from_endpoint(endpoint: &ApiEndpoint) -> Result<Self, KubeError> {
+        let url = endpoint.server.as_str();
         let uri: Uri = url.parse().map_err(|_| KubeError::BadUrl(url.into()))?;
         let host = uri.host().ok_or_else(|| KubeError::BadUrl(url.into()))?;
         let https = match uri.scheme_str() {
@@ -206,14 +266,13 @@ impl ApiClient {
         };
         let tls = if https {
             let mut roots = rustls::RootCertStore::empty();
-            match ca {
-                Some(ca) => {
-                    let pem = std::fs::read(ca).map_err(|e| KubeError::Read(ca.to_owned(), e))?;
+            match &endpoint.ca_pem {
+                Some(pem) => {
                     for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
                         let _ = roots.add(cert);
                     }
                     if roots.is_empty() {
-                        return Err(KubeError::NoCa(ca.to_owned()));
+                        return Err(KubeError::NoCa(PathBuf::from("the configured CA")));
                     }
                 }
                 None => {
@@ -223,20 +282,46 @@ impl ApiClient {
                 }
             }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-                .map_err(|_| KubeError::BadUrl(url.into()))?;
+                .with_root_certificates(roots);
+            let cfg = match &endpoint.auth {
+                ApiAuth::ClientCert { cert_pem, key_pem } => {
+                    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| KubeError::ClientCert("unreadable certificate PEM"))?;
+                    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+                        .ok()
+                        .flatten()
+                        .ok_or(KubeError::ClientCert("no private key in the key PEM"))?;
+                    if certs.is_empty() {
+                        return Err(KubeError::ClientCert(
+                            "no certificate in the certificate PEM",
+                        ));
+                    }
+                    builder.with_client_auth_cert(certs, key)?
+                }
+                _ => builder.with_no_client_auth(),
+            };
+            let server_name = endpoint
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+            let name =
+                ServerName::try_from(server_name).map_err(|_| KubeError::BadUrl(url.into()))?;
             Some((tokio_rustls::TlsConnector::from(Arc::new(cfg)), name))
         } else {
             None
         };
+        let bearer = match &endpoint.auth {
+            ApiAuth::TokenFile(f) => Bearer::File(f.clone()),
+            ApiAuth::Token(t) => Bearer::Static(t.clone()),
+            ApiAuth::None | ApiAuth::ClientCert { .. } => Bearer::None,
+        };
         Ok(Self {
             authority,
             tls,
-            token_file,
+            bearer,
         })
     }
 
@@ -261,10 +346,17 @@ impl ApiClient {
         let mut req = Request::get(path_and_query)
             .header(header::HOST, &self.authority)
             .header(header::ACCEPT, "application/json");
-        if let Some(file) = &self.token_file {
-            let token =
-                std::fs::read_to_string(file).map_err(|e| KubeError::Read(file.clone(), e))?;
-            req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        let token = match &self.bearer {
+            Bearer::None => None,
+            Bearer::Static(t) => Some(t.clone()),
+            Bearer::File(file) => {
+                let raw =
+                    std::fs::read_to_string(file).map_err(|e| KubeError::Read(file.clone(), e))?;
+                Some(Token::parse(&raw).map_err(|e| KubeError::BadToken(file.clone(), e))?)
+            }
+        };
+        if let Some(token) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
         }
         let resp = sender
             .send_request(req.body(Empty::<Bytes>::new())?)
@@ -553,5 +645,154 @@ mod tests {
         let seen = server.await.unwrap();
         assert!(seen[1].contains("resourceVersion=7"), "{seen:?}");
         watch.abort();
+    }
+
+    /// An HTTPS api server double that requires a client certificate from `client_ca` (or a
+    /// bearer token), serving one pod list per connection. Returns its URL and what it saw.
+    async fn tls_api(
+        server_names: Vec<String>,
+        client_ca: Option<String>,
+        want_bearer: Option<&'static str>,
+    ) -> (String, String, tokio::task::JoinHandle<Vec<String>>) {
+        use rcgen::{CertificateParams, IsCa, KeyPair};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(server_names)
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match &client_ca {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let cfg = builder
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(mut conn) = acceptor.accept(tcp).await else {
+                seen.push("handshake refused".to_owned());
+                return seen;
+            };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                conn.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let authorized = match want_bearer {
+                Some(t) => head.contains(&format!("authorization: Bearer {t}\r\n")),
+                None => conn.get_ref().1.peer_certificates().is_some(),
+            };
+            seen.push(head.lines().next().unwrap().to_owned());
+            let resp = if authorized {
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"metadata\":{\"resourceVersion\":\"3\"},\"items\":[]}"
+            } else {
+                "HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            };
+            conn.write_all(resp.as_bytes()).await.unwrap();
+            let _ = conn.shutdown().await;
+            seen
+        });
+        (url, ca.pem(), server)
+    }
+
+    #[tokio::test]
+    async fn kubeconfig_client_certificate_and_tls_server_name() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = ca_params.self_signed(&ca_key).unwrap();
+        let client_ca = issuer.pem();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node-agent");
+        let client_cert = params.signed_by(&client_key, &issuer, &ca_key).unwrap();
+        // The certificate names "kubernetes", not the address dialled: tls-server-name decides.
+        let (url, server_ca, server) =
+            tls_api(vec!["kubernetes".into()], Some(client_ca), None).await;
+        let dir = std::env::temp_dir().join(format!("robin-kube-mtls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("config");
+        std::fs::write(
+            &cfg,
+            format!(
+                "current-context: k\nclusters:\n- name: c\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\n    tls-server-name: kubernetes\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\nusers:\n- name: u\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&server_ca),
+                b64(&client_cert.pem()),
+                b64(&client_key.serialize_pem()),
+            ),
+        )
+        .unwrap();
+        let endpoint = crate::node::kubeconfig::load(&[cfg], None).unwrap();
+        let client = ApiClient::from_kubeconfig(&endpoint).unwrap();
+        let (pods, rv) = client.list_pods("k").await.unwrap();
+        assert!(pods.is_empty());
+        assert_eq!(rv, "3");
+        let seen = server.await.unwrap();
+        assert!(seen[0].starts_with("GET /api/v1/pods?"), "{seen:?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn kubeconfig_token_and_refusals() {
+        let (url, server_ca, server) =
+            tls_api(vec!["127.0.0.1".into()], None, Some("agent.tok")).await;
+        let endpoint = ApiEndpoint {
+            server: url.clone(),
+            ca_pem: Some(server_ca.into_bytes()),
+            tls_server_name: None,
+            auth: ApiAuth::Token(Token::parse("agent.tok").unwrap()),
+        };
+        let client = ApiClient::from_kubeconfig(&endpoint).unwrap();
+        client.list_pods("k").await.unwrap();
+        server.await.unwrap();
+        assert!(!format!("{client:?}").contains("agent.tok"));
+        // Plain http with credentials only to loopback.
+        let remote = ApiEndpoint {
+            server: "http://10.0.0.1:8080".into(),
+            ..endpoint.clone()
+        };
+        assert!(matches!(
+            ApiClient::from_kubeconfig(&remote),
+            Err(KubeError::BadUrl(_))
+        ));
+        let local = ApiEndpoint {
+            server: "http://127.0.0.1:8001".into(),
+            ..endpoint
+        };
+        assert!(ApiClient::from_kubeconfig(&local).is_ok());
     }
 }
