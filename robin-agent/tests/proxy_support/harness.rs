@@ -205,6 +205,8 @@ pub struct Seen {
     pub bodies_ok: AtomicU64,
     pub body_bytes: AtomicU64,
     pub conns: AtomicU64,
+    /// Negotiated cipher suite of each TLS connection.
+    pub suites: Mutex<Vec<rustls::CipherSuite>>,
     pub last: Mutex<Vec<(String, HeaderMap)>>,
     /// Lets the SSE handler send its second event.
     pub release: Notify,
@@ -258,6 +260,9 @@ pub async fn upstream_tls_alpn(ca: &TestCa, alpn: &[&[u8]]) -> Upstream {
                     return;
                 };
                 s.conns.fetch_add(1, Ordering::SeqCst);
+                if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
+                    s.suites.lock().unwrap().push(suite.suite());
+                }
                 serve_upstream(TokioIo::new(tls), s).await;
             });
         }
