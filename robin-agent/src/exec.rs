@@ -26,6 +26,11 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+/// Tokio's blocking pool serves only rare work here (token fetches reading a credential file,
+/// start-up); the default cap of 512 let a per-request file read grow it to dozens of threads
+/// contending on its queue, each with its own stack and malloc arena.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 /// Parent cgroup for transient ones; created if missing.
 const EXEC_CGROUP_PARENT: &str = "robin.exec";
 
@@ -35,6 +40,7 @@ pub fn main(args: ExecArgs) -> anyhow::Result<ExitCode> {
     capture::check_capabilities(false).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(run(args, cfg))

@@ -4,7 +4,7 @@
 //! `source = { kind = "...", ... }` ([`SourceConfig`]). A token value lives only inside [`Token`],
 //! whose `Debug`/`Display` print `<redacted>`, so it cannot reach a log record by accident.
 //!
-//! Sources: [`file`] (re-read per request), [`token_request`] (Kubernetes TokenRequest),
+//! Sources: [`file`] (checked per request, re-read on change), [`token_request`] (Kubernetes TokenRequest),
 //! [`spiffe`] (JWT-SVIDs), [`exchange`] (OAuth token exchange / JWT client assertion of an inner
 //! source). The fetching ones share one [`TokenCache`] (through [`IdentityContext`]) and reach the
 //! network only through the hardened [`http::HttpClient`]. Config reference: `identity/README.md`.
@@ -147,7 +147,8 @@ pub trait IdentitySource: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
-    /// A projected ServiceAccount token (or any token file), re-read on every request.
+    /// A projected ServiceAccount token (or any token file), checked on every request and
+    /// re-read when it changed.
     File { path: PathBuf },
     /// A Kubernetes TokenRequest for a ServiceAccount, cached until near expiry.
     TokenRequest(token_request::TokenRequestConfig),

@@ -45,6 +45,53 @@ async fn injects_over_tls_h1_replacing_placeholders() {
 }
 
 #[tokio::test]
+async fn aes128_gcm_sha256_is_chosen_downstream_and_offered_first_upstream() {
+    use rustls::CipherSuite as S;
+    let env = Env::new("suites");
+    let up = upstream_tls(&env.upstream_ca).await;
+    let addr = front(env.proxy(), up.addr).await;
+    // The client (rustls defaults) lists AES-256-GCM first; Robin's order wins.
+    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H1))
+        .await
+        .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, S::TLS13_AES_128_GCM_SHA256);
+    let mut send = within(h1(tls)).await;
+    let resp = within(send.send_request(get("/echo", HOST))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The upstream (rustls, honouring the client's order) picks what Robin offered first.
+    assert_eq!(
+        *up.seen.suites.lock().unwrap(),
+        vec![S::TLS13_AES_128_GCM_SHA256]
+    );
+
+    // TLS 1.2 clients get the ECDHE-ECDSA AES-128 suite (minted leaves are P-256).
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut env.robin_ca.pem().as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        roots
+    })
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = within(
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(HOST.try_into().unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+}
+
+#[tokio::test]
 async fn injects_over_tls_h2_and_wildcard_host() {
     let env = Env::new("inject-h2");
     let up = upstream_tls(&env.upstream_ca).await;

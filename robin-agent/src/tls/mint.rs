@@ -196,13 +196,16 @@ impl ResolvesServerCert for MintingResolver {
     }
 }
 
-/// The server side of interception: minted leaves, ALPN h2 and http/1.1.
+/// The server side of interception: minted leaves, ALPN h2 and http/1.1, and our suite order
+/// (AES-128-GCM/SHA-256 first, see [`super::provider`]) rather than the client's, which for
+/// OpenSSL and rustls clients starts with AES-256-GCM/SHA-384.
 pub fn server_config(cache: Arc<LeafCache>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(super::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(MintingResolver::new(cache)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 
