@@ -10,7 +10,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::node::NodeShared;
+use crate::{
+    metrics::{CLASS_LABELS, escape_label},
+    node::NodeShared,
+};
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -117,75 +120,145 @@ pub fn metrics(shared: &NodeShared) -> String {
         (captured, pods.len() - captured)
     };
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {v}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
-            }
-        }
     };
+    let family =
+        |out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            header(out, name, kind, help);
+            for (labels, v) in samples {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+    let classes = |prefix: &str, counts: &[u64; 5]| -> Vec<(String, u64)> {
+        CLASS_LABELS
+            .iter()
+            .zip(counts)
+            .map(|(class, n)| (format!("{prefix}class=\"{class}\""), *n))
+            .collect()
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    let rule_label = |rule: &str| format!("rule=\"{}\"", escape_label(rule));
+
     family(
+        &mut out,
         "robin_ready",
         "gauge",
         "1 when programs are loaded, the pod watch synced and the CA loaded.",
-        &[("", u64::from(shared.ready()))],
+        &one(u64::from(shared.ready())),
     );
     family(
+        &mut out,
         "robin_pods",
         "gauge",
         "Opted-in pods on this node by capture state.",
         &[
-            ("state=\"captured\"", captured as u64),
-            ("state=\"not_captured\"", pending as u64),
+            ("state=\"captured\"".into(), captured as u64),
+            ("state=\"not_captured\"".into(), pending as u64),
         ],
     );
     family(
+        &mut out,
         "robin_connections_total",
         "counter",
         "Captured connections by outcome.",
         &[
-            ("outcome=\"intercepted\"", t.conn_intercepted),
-            ("outcome=\"spliced\"", t.conn_spliced),
-            ("outcome=\"failed\"", t.conn_failed),
-            ("outcome=\"splice_failed\"", t.conn_splice_failed),
+            ("outcome=\"intercepted\"".into(), t.conn_intercepted),
+            ("outcome=\"spliced\"".into(), t.conn_spliced),
+            ("outcome=\"failed\"".into(), t.conn_failed),
+            ("outcome=\"splice_failed\"".into(), t.conn_splice_failed),
         ],
     );
     family(
+        &mut out,
+        "robin_bytes_total",
+        "counter",
+        "Bytes of captured connections (intercepted and spliced), counted when each ends.",
+        &[
+            ("direction=\"from_workload\"".into(), t.bytes_from_workload),
+            ("direction=\"to_workload\"".into(), t.bytes_to_workload),
+        ],
+    );
+    let mut by_rule = Vec::new();
+    for (rule, r) in &t.rules {
+        by_rule.extend(classes(&format!("{},", rule_label(rule)), &r.requests));
+    }
+    family(
+        &mut out,
         "robin_requests_total",
         "counter",
-        "Intercepted requests by status class of the answer given to the workload.",
-        &[
-            ("class=\"1xx\"", t.requests[0]),
-            ("class=\"2xx\"", t.requests[1]),
-            ("class=\"3xx\"", t.requests[2]),
-            ("class=\"4xx\"", t.requests[3]),
-            ("class=\"5xx\"", t.requests[4]),
-        ],
+        "Intercepted requests by rule and status class of the answer given to the workload.",
+        &by_rule,
     );
     family(
+        &mut out,
         "robin_identity_errors_total",
         "counter",
-        "Requests answered 503 because no valid token was available.",
-        &[("", t.identity_errors)],
+        "Requests answered 503 because the rule's source had no valid token.",
+        &t.rules
+            .iter()
+            .map(|(rule, r)| (rule_label(rule), r.identity_errors))
+            .collect::<Vec<_>>(),
+    );
+    header(
+        &mut out,
+        "robin_identity_fetch_seconds",
+        "histogram",
+        "Time to get the token for a request from the rule's identity source.",
+    );
+    for (rule, r) in &t.rules {
+        r.identity_fetch
+            .write(&mut out, "robin_identity_fetch_seconds", &rule_label(rule));
+    }
+    family(
+        &mut out,
+        "robin_upstream_responses_total",
+        "counter",
+        "Responses received from upstreams, by status class.",
+        &classes("", &t.upstream_responses),
     );
     family(
+        &mut out,
         "robin_upstream_errors_total",
         "counter",
         "Requests answered 502 because the upstream could not be reached or verified.",
-        &[("", t.upstream_errors)],
+        &one(t.upstream_errors),
     );
     family(
+        &mut out,
+        "robin_upstream_connections_total",
+        "counter",
+        "Upstream connections established (TCP, TLS and HTTP handshakes done).",
+        &one(t.upstream_connects),
+    );
+    family(
+        &mut out,
+        "robin_upstream_reused_total",
+        "counter",
+        "Requests sent on a pooled upstream connection.",
+        &one(t.upstream_reused),
+    );
+    family(
+        &mut out,
+        "robin_upstream_redials_total",
+        "counter",
+        "Requests dialled once afresh because their pooled connection had closed before any byte was written.",
+        &one(t.upstream_retries),
+    );
+    family(
+        &mut out,
         "robin_leaf_cache_total",
         "counter",
         "Leaf certificate cache lookups by result.",
         &[
-            ("result=\"hit\"", t.leaf_hits),
-            ("result=\"mint\"", t.leaf_mints),
-            ("result=\"mint_error\"", t.leaf_mint_errors),
+            ("result=\"hit\"".into(), t.leaf_hits),
+            ("result=\"mint\"".into(), t.leaf_mints),
+            ("result=\"mint_error\"".into(), t.leaf_mint_errors),
         ],
     );
     out
@@ -225,6 +298,15 @@ mod tests {
         );
         let m = metrics(&shared);
         assert!(m.contains("robin_ready 1\n"), "{m}");
+        // Every family is announced even with no sample yet, and each once.
+        for family in [
+            "robin_requests_total counter",
+            "robin_identity_fetch_seconds histogram",
+            "robin_upstream_responses_total counter",
+            "robin_bytes_total counter",
+        ] {
+            assert_eq!(m.matches(&format!("# TYPE {family}\n")).count(), 1, "{m}");
+        }
         assert!(m.contains("robin_pods{state=\"captured\"} 1\n"), "{m}");
         assert!(m.contains("# TYPE robin_connections_total counter\n"));
         let pods = debug_pods(&shared).unwrap();

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config;
 pub mod exec;
 pub mod identity;
+pub mod metrics;
 pub mod node;
 pub mod oidc_gateway;
 pub mod proxy;

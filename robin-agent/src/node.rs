@@ -206,7 +206,7 @@ pub struct PodView {
 }
 
 /// Summed counters of proxies of pods no longer captured, so /metrics never goes backwards.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Totals {
     pub conn_intercepted: u64,
     pub conn_spliced: u64,
@@ -215,9 +215,24 @@ pub struct Totals {
     pub requests: [u64; 5],
     pub identity_errors: u64,
     pub upstream_errors: u64,
+    pub upstream_connects: u64,
+    pub upstream_reused: u64,
+    pub upstream_retries: u64,
+    pub upstream_responses: [u64; 5],
+    pub bytes_from_workload: u64,
+    pub bytes_to_workload: u64,
     pub leaf_hits: u64,
     pub leaf_mints: u64,
     pub leaf_mint_errors: u64,
+    /// By rule label (its first host pattern), summed over pods and rule sets.
+    pub rules: BTreeMap<String, RuleTotals>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RuleTotals {
+    pub requests: [u64; 5],
+    pub identity_errors: u64,
+    pub identity_fetch: crate::metrics::HistogramSnapshot,
 }
 
 impl Totals {
@@ -240,9 +255,29 @@ impl Totals {
         }
         self.identity_errors += r(&s.identity_errors);
         self.upstream_errors += r(&s.upstream_errors);
+        self.upstream_connects += r(&s.upstream_connects);
+        self.upstream_reused += r(&s.upstream_reused);
+        self.upstream_retries += r(&s.upstream_retries);
+        for (t, n) in self
+            .upstream_responses
+            .iter_mut()
+            .zip(s.upstream_responses.snapshot())
+        {
+            *t += n;
+        }
+        self.bytes_from_workload += r(&s.bytes_from_workload);
+        self.bytes_to_workload += r(&s.bytes_to_workload);
         self.leaf_hits += r(&l.hits);
         self.leaf_mints += r(&l.mints);
         self.leaf_mint_errors += r(&l.mint_errors);
+        for rule in proxy.rules() {
+            let t = self.rules.entry(rule.label.clone()).or_default();
+            for (t, n) in t.requests.iter_mut().zip(rule.stats.requests.snapshot()) {
+                *t += n;
+            }
+            t.identity_errors += r(&rule.stats.identity_errors);
+            t.identity_fetch.add(&rule.stats.identity_fetch.snapshot());
+        }
     }
 }
 
@@ -277,7 +312,7 @@ impl NodeShared {
 
     /// Counters over every proxy this agent has run.
     pub fn totals(&self) -> Totals {
-        let mut t = *self.retired.lock().expect("retired lock");
+        let mut t = self.retired.lock().expect("retired lock").clone();
         for p in self.proxies.lock().expect("proxies lock").values() {
             t.add(p);
         }

@@ -24,6 +24,7 @@ use crate::{
     capture::{ClientAddr, OrigDst},
     config::{Config, InjectRule},
     identity::{IdentityError, IdentitySource, build_source},
+    metrics::{Histogram, StatusClasses},
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
 
@@ -118,6 +119,12 @@ pub struct ProxyStats {
     /// Requests sent again on a fresh connection because their pooled one was found closed
     /// before any byte of them was written.
     pub upstream_retries: AtomicU64,
+    /// Status classes of the responses upstreams sent (Robin's own 502/503 are not here).
+    pub upstream_responses: StatusClasses,
+    /// Bytes read from and written to workloads, intercepted and spliced, counted when each
+    /// connection ends.
+    pub bytes_from_workload: AtomicU64,
+    pub bytes_to_workload: AtomicU64,
 }
 
 impl ProxyStats {
@@ -138,7 +145,20 @@ impl ProxyStats {
 pub struct Rule {
     pub cfg: InjectRule,
     pub source: Arc<dyn IdentitySource>,
+    /// The rule's first host pattern: names it in logs and metrics.
     pub label: String,
+    pub stats: RuleStats,
+}
+
+/// Per-rule counters, exposed by the node agent's `/metrics` with a `rule` label.
+#[derive(Debug, Default)]
+pub struct RuleStats {
+    /// Requests on connections intercepted for this rule, by status class of Robin's answer.
+    pub requests: StatusClasses,
+    /// Requests answered 503 because the rule's source had no valid token.
+    pub identity_errors: AtomicU64,
+    /// How long `IdentitySource::token` took, successful or not.
+    pub identity_fetch: Histogram,
 }
 
 struct Inner {
@@ -192,6 +212,7 @@ impl Proxy {
                     cfg: r.clone(),
                     source: build_source(&r.source).map_err(|e| ProxyError::Source(i, e))?,
                     label: r.label(),
+                    stats: RuleStats::default(),
                 }))
             })
             .collect::<Result<Vec<_>, ProxyError>>()?;
@@ -233,6 +254,11 @@ impl Proxy {
 
     pub fn leaf_stats(&self) -> &LeafStats {
         &self.inner.leaves.stats
+    }
+
+    /// The proxy's rules, in config order (for per-rule metrics).
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.inner.rules
     }
 
     fn rule_for(&self, host: &str) -> Option<Arc<Rule>> {
@@ -291,10 +317,10 @@ impl Proxy {
                 let ms = start.elapsed().as_millis() as u64;
                 match res {
                     Ok((up, down)) => {
-                        self.inner
-                            .stats
-                            .conn_spliced
-                            .fetch_add(1, Ordering::Relaxed);
+                        let stats = &self.inner.stats;
+                        stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
+                        stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
                         info!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
                     }
                     Err(e) => {
@@ -326,6 +352,9 @@ impl Proxy {
                 let ms = start.elapsed().as_millis() as u64;
                 let up = counts.up.load(Ordering::Relaxed);
                 let down = counts.down.load(Ordering::Relaxed);
+                let stats = &self.inner.stats;
+                stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
+                stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
                 match res {
                     Ok(()) => {
                         info!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")

@@ -222,7 +222,39 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
         2,
         "{m}"
     );
-    assert_eq!(metric(&m, "robin_requests_total{class=\"2xx\"}"), 2, "{m}");
+    let rule = format!("rule=\"{HOST}\"");
+    assert_eq!(
+        metric(&m, &format!("robin_requests_total{{{rule},class=\"2xx\"}}")),
+        2,
+        "{m}"
+    );
+    // Two token reads, both fast enough for the 5 ms bucket (a file read through /proc).
+    assert_eq!(
+        metric(&m, &format!("robin_identity_fetch_seconds_count{{{rule}}}")),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            &format!("robin_identity_fetch_seconds_bucket{{{rule},le=\"+Inf\"}}")
+        ),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "robin_upstream_responses_total{class=\"2xx\"}"),
+        2,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "robin_bytes_total{direction=\"from_workload\"}") > 200,
+        "two TLS handshakes and requests: {m}"
+    );
+    assert!(
+        metric(&m, "robin_bytes_total{direction=\"to_workload\"}") > 1000,
+        "two leaf certificates and responses: {m}"
+    );
     assert_eq!(metric(&m, "robin_ready"), 1, "{m}");
     assert_eq!(metric(&m, "robin_pods{state=\"not_captured\"}"), 2, "{m}");
 
@@ -258,7 +290,11 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
         "the released pod's links are unpinned"
     );
     // Counters of the released pod are kept.
-    assert_eq!(metric(&m, "robin_requests_total{class=\"2xx\"}"), 3, "{m}");
+    assert_eq!(
+        metric(&m, &format!("robin_requests_total{{{rule},class=\"2xx\"}}")),
+        3,
+        "{m}"
+    );
 
     let logs = agent_logs();
     for tok in [tok_a, tok_b, tok_a2] {

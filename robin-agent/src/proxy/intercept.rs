@@ -58,6 +58,7 @@ pub async fn handle(
     let resp = forward(&ctx, req).await;
     let status = resp.status();
     ctx.stats.count_status(status);
+    ctx.rule.stats.requests.count(status);
     info!(
         %method,
         path,
@@ -94,10 +95,17 @@ async fn forward(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
         None => ctx.scheme == Scheme::HTTPS,
     };
     if inject {
-        let token = match ctx.rule.source.token().await {
+        let fetch_start = Instant::now();
+        let token = ctx.rule.source.token().await;
+        ctx.rule.stats.identity_fetch.observe(fetch_start.elapsed());
+        let token = match token {
             Ok(t) => t,
             Err(e) => {
                 ctx.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
+                ctx.rule
+                    .stats
+                    .identity_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(source = %ctx.rule.source.describe(), error = %e, "identity unavailable, answering 503");
                 // The OAuth error code is already sanitized (printable ASCII, truncated) and
                 // tells the workload's operator why; nothing else about the source is shown.
@@ -185,6 +193,7 @@ async fn forward(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
         }
     };
 
+    ctx.stats.upstream_responses.count(resp.status());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(down) = downstream_upgrade else {
             return text(StatusCode::BAD_GATEWAY, "robin: unexpected upgrade\n");
