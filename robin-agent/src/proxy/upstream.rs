@@ -141,8 +141,12 @@ struct Entry {
     /// connection instead of racing to open one each; holds when and why the last such dial
     /// failed, so requests queued behind it share the outcome instead of each waiting out its
     /// own connect timeout against a dead destination.
-    dial: Arc<tokio::sync::Mutex<Option<(Instant, String)>>>,
+    dial: DialLock,
 }
+
+/// See [`Entry::dial`]: when and why the last dial that could have made the shared h2
+/// connection failed.
+type DialLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
 
 impl Entry {
     fn new() -> Self {
@@ -217,10 +221,7 @@ impl Pool {
     }
 
     /// The dial lock when a dial for `key` may yield the shared h2 connection.
-    fn dial_lock(
-        &self,
-        key: &Target,
-    ) -> Option<Arc<tokio::sync::Mutex<Option<(Instant, String)>>>> {
+    fn dial_lock(&self, key: &Target) -> Option<DialLock> {
         if key.alpn != Alpn::H2 {
             return None;
         }
