@@ -376,4 +376,8 @@ impl IdentitySource for SpiffeSource {
     fn token(&self) -> TokenFuture<'_> {
         Box::pin(self.cache.get(&self.key, || self.fetch()))
     }
+
+    fn cache_key(&self) -> Option<&CacheKey> {
+        Some(&self.key)
+    }
 }

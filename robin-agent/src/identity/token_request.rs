@@ -276,6 +276,10 @@ impl IdentitySource for TokenRequestSource {
     fn token(&self) -> TokenFuture<'_> {
         Box::pin(self.cache.get(&self.key, || self.fetch()))
     }
+
+    fn cache_key(&self) -> Option<&CacheKey> {
+        Some(&self.key)
+    }
 }
 
 fn read_small(path: &std::path::Path) -> Result<String, IdentityError> {
