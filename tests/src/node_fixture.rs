@@ -272,6 +272,31 @@ fn serve_token_request(mut conn: TcpStream, head: &str, target: &str, state: &Mu
     let exp = now + spec["expirationSeconds"].as_u64().unwrap_or(3600);
     let bound = &spec["boundObjectRef"];
     let mut state = state.lock().unwrap();
+    if bound["kind"] == "Pod" {
+        // As the API server does: the pod is looked up in the ServiceAccount's namespace and
+        // must run as that ServiceAccount, with the uid given.
+        let pod = state.pods.values().find(|p| {
+            p["metadata"]["namespace"] == namespace.as_str()
+                && p["metadata"]["name"] == bound["name"]
+        });
+        let refused = match pod {
+            None => Some("404 Not Found"),
+            Some(p) if p["metadata"]["uid"] != bound["uid"] => Some("409 Conflict"),
+            Some(p)
+                if p["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    != sa =>
+            {
+                Some("400 Bad Request")
+            }
+            Some(_) => None,
+        };
+        if let Some(status) = refused {
+            drop(state);
+            return respond(&mut conn, status, &json!({"kind": "Status"}));
+        }
+    }
     let mut claims = json!({
         "iss": "https://fake-api.test",
         "sub": format!("system:serviceaccount:{namespace}:{sa}"),

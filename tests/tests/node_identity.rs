@@ -72,7 +72,7 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
     let mut tree = CgroupTree(vec![
         Cgroup::create(root.clone()).expect("creating cgroup root"),
     ]);
-    let (uid_a, uid_b) = (pod_uid(), pod_uid());
+    let (uid_a, uid_b, uid_c) = (pod_uid(), pod_uid(), pod_uid());
     let cg_a = Cgroup::existing(
         tree.mkdirs(
             &root,
@@ -92,6 +92,20 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
                 .join("ctr-b"),
         ),
     );
+    // C shares A's network namespace; its rule set names another ServiceAccount.
+    let cg_c = Cgroup::existing(
+        tree.mkdirs(
+            &root,
+            &Path::new("kubepods")
+                .join(format!("pod{uid_c}"))
+                .join("ctr-c"),
+        ),
+    );
+    let _pc = ChildGuard(
+        command_in(&topo_a.pod, Some(&cg_c), "sleep", &["600"])
+            .spawn()
+            .expect("starting pod c"),
+    );
     let _pa = ChildGuard(
         command_in(&topo_a.pod, Some(&cg_a), "sleep", &["600"])
             .spawn()
@@ -104,9 +118,9 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
     );
 
     let api = FakeApi::start();
-    let source = |audience: &str| {
+    let source = |audience: &str, extra: &str| {
         format!(
-            "{{ kind = \"token_request\", audience = \"{audience}\", api_server = \"{}\", allow_insecure_http = true, ca_file = {:?}, token_file = {:?} }}",
+            "{{ kind = \"token_request\", audience = \"{audience}\", api_server = \"{}\", allow_insecure_http = true, ca_file = {:?}, token_file = {:?}{extra} }}",
             api.url(),
             pki.file("upstream-ca.crt"),
             agent_token,
@@ -118,12 +132,14 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
         format!(
             "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n\
              [[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n\n\
-             [[rule_sets.other.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n",
+             [[rule_sets.other.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n\n\
+             [[rule_sets.pinned.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n",
             pki.file("robin-ca.crt"),
             pki.file("robin-ca.key"),
             pki.file("upstream-ca.crt"),
-            source("api.test"),
-            source("other.test"),
+            source("api.test", ""),
+            source("other.test", ""),
+            source("api.test", ", service_account = \"admin\""),
         ),
     )
     .unwrap();
@@ -151,8 +167,17 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
         .as_object_mut()
         .unwrap()
         .remove("serviceAccountName");
+    let mut pod_c = pod_json(
+        "charlie-0",
+        &uid_c,
+        "Guaranteed",
+        json!({"robin.dev/inject": "true", "robin.dev/rules": "pinned"}),
+    );
+    pod_c["metadata"]["namespace"] = json!("team-a");
+    pod_c["spec"]["serviceAccountName"] = json!("alpha-sa");
     api.upsert(pod_a("default"));
     api.upsert(pod_b);
+    api.upsert(pod_c);
     api.open();
 
     let admin = free_port();
@@ -181,6 +206,25 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
             pod_state(admin, uid).filter(|p| p["state"] == "captured")
         });
     }
+
+    // A rule set naming another ServiceAccount cannot serve C (the API server would refuse to
+    // bind that account's token to C): reported, not captured, nothing requested.
+    let c = wait_for("pod c reported", || {
+        pod_state(admin, &uid_c).filter(|p| p["error"].is_string())
+    });
+    assert_eq!(c["state"], "pending", "{c}");
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be the pod's (team-a/alpha-sa)"),
+        "{c}"
+    );
+    assert_eq!(
+        curl(&topo_a.pod, &cg_c, "/c")["authorization"],
+        json!([]),
+        "pod c must not be captured"
+    );
 
     let tok_a = bearer(&curl(&topo_a.pod, &cg_a, "/a"));
     let tok_b = bearer(&curl(&topo_b.pod, &cg_b, "/b"));
