@@ -27,7 +27,7 @@ pub mod http;
 pub mod spiffe;
 pub mod token_request;
 
-pub use cache::{CachePolicy, TokenCache};
+pub use cache::{CacheKey, CachePolicy, TokenCache};
 pub use http::HttpSettings;
 
 /// A bearer credential. Constructed only through [`Token::parse`], which rejects anything that
@@ -141,6 +141,12 @@ pub trait IdentitySource: Send + Sync + fmt::Debug {
     /// A short label for logs and metrics, e.g. `file:/var/run/secrets/tokens/robin-token`.
     fn describe(&self) -> String;
     fn token(&self) -> TokenFuture<'_>;
+    /// The key this source's tokens are cached under, for sources that cache. An `exchange`
+    /// keys on it so two pods whose inner tokens differ never share an exchanged token (the
+    /// label alone does not name the pod).
+    fn cache_key(&self) -> Option<&CacheKey> {
+        None
+    }
 }
 
 /// `source = { kind = "...", ... }` of an `[[inject]]` rule.
@@ -158,12 +164,16 @@ pub enum SourceConfig {
     Exchange(exchange::ExchangeConfig),
 }
 
-/// The pod a token is requested for, when the agent knows it (binds TokenRequest tokens).
+/// The pod a token is requested for, when the agent knows it (`robin node`): TokenRequest
+/// tokens are requested for its namespace and ServiceAccount and bound to it, delegated SPIFFE
+/// selectors default to its uid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// `None`: the agent's own ServiceAccount. The node agent always sets it (Kubernetes means
+    /// `default` when a pod names none).
     pub service_account: Option<String>,
 }
 
@@ -203,14 +213,29 @@ impl IdentityContext {
             .map(PathBuf::from);
         ctx
     }
+
+    /// The same context (same cache, same settings) acting for `pod`: one cache serves every
+    /// pod, and the keys of fetching sources name the pod so entries never cross pods.
+    pub fn for_pod(&self, pod: PodRef) -> Self {
+        Self {
+            pod: Some(pod),
+            ..self.clone()
+        }
+    }
 }
 
-/// Builds the runtime source for a rule's configuration, sharing one process-wide context
-/// (environment defaults, one cache). Prefer [`build_source_with`] where a context is at hand.
-pub fn build_source(cfg: &SourceConfig) -> Result<Arc<dyn IdentitySource>, IdentityError> {
+/// The process-wide context (environment defaults, one cache, no pod). `robin exec` builds its
+/// sources in it; `robin node` derives each pod's context from it with
+/// [`IdentityContext::for_pod`], so the whole agent has one token cache.
+pub fn process_context() -> &'static IdentityContext {
     static DEFAULT: OnceLock<IdentityContext> = OnceLock::new();
-    let ctx = DEFAULT.get_or_init(|| IdentityContext::from_env(|k| std::env::var(k).ok()));
-    build_source_with(cfg, ctx)
+    DEFAULT.get_or_init(|| IdentityContext::from_env(|k| std::env::var(k).ok()))
+}
+
+/// Builds the runtime source for a rule's configuration in the [`process_context`]. Prefer
+/// [`build_source_with`] where a context is at hand.
+pub fn build_source(cfg: &SourceConfig) -> Result<Arc<dyn IdentitySource>, IdentityError> {
+    build_source_with(cfg, process_context())
 }
 
 /// Builds the runtime source for a rule's configuration within `ctx`.

@@ -35,6 +35,7 @@ use crate::{
         self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs, PinDir,
     },
     config::ConfigArgs,
+    identity::{self, PodRef},
     proxy::{Dialer, Limits, Proxy},
 };
 
@@ -444,6 +445,8 @@ struct Captured {
     /// The process whose filesystem view the pod's token is read through.
     pid: u32,
     token_visible: bool,
+    /// Who the pod is, for sources that act on its behalf (TokenRequest, delegated SPIFFE).
+    identity: PodRef,
 }
 
 struct Reconciler {
@@ -566,7 +569,7 @@ impl Reconciler {
             }
             if c.wanted.ports == want.ports {
                 // Same capture, new rules or token: swap the proxy, the kernel side stays.
-                match self.pod_proxy(&want, c.pid, c.netns.clone()) {
+                match self.pod_proxy(&c.identity, &want, c.pid, c.netns.clone()) {
                     Ok(proxy) => {
                         let old = c.proxy.send_replace(proxy.clone());
                         self.retire(&old);
@@ -631,17 +634,26 @@ impl Reconciler {
         }
     }
 
-    fn pod_proxy(&self, want: &Wanted, pid: u32, netns: Arc<NetNs>) -> Result<Proxy, NodeError> {
+    fn pod_proxy(
+        &self,
+        pod: &PodRef,
+        want: &Wanted,
+        pid: u32,
+        netns: Arc<NetNs>,
+    ) -> Result<Proxy, NodeError> {
         let set = self
             .cfg
             .rule_sets
             .get(&want.rule_set)
             .ok_or_else(|| NodeError::UnknownRuleSet(want.rule_set.clone()))?;
         let cfg = set.for_pod(pid, &want.token_path, want.ports.as_deref());
-        Ok(Proxy::with_dialer(
+        // The pod's own context over the one process-wide token cache.
+        let identity = identity::process_context().for_pod(pod.clone());
+        Ok(Proxy::with_dialer_and_identity(
             &cfg,
             Limits::default(),
             Dialer::InNetNs(netns),
+            &identity,
         )?)
     }
 
@@ -655,7 +667,8 @@ impl Reconciler {
         let cgroup = podcgroup::find(&self.cgroup_root, uid, qos)?;
         let (pid, token_visible) = podcgroup::pick_pid(&cgroup, &want.token_path)?;
         let netns = Arc::new(NetNs::open(format!("/proc/{pid}/ns/net"))?);
-        let proxy = self.pod_proxy(want, pid, netns.clone())?;
+        let identity = pod.identity();
+        let proxy = self.pod_proxy(&identity, want, pid, netns.clone())?;
         let ports = want
             .ports
             .clone()
@@ -701,6 +714,7 @@ impl Reconciler {
                 cgroup: cgroup.clone(),
                 pid,
                 token_visible,
+                identity,
             },
         );
         let mut view = self.view(pod, "captured", None);
@@ -743,7 +757,7 @@ impl Reconciler {
                 }
                 continue;
             }
-            let proxy = match self.pod_proxy(&c.wanted, pid, c.netns.clone()) {
+            let proxy = match self.pod_proxy(&c.identity, &c.wanted, pid, c.netns.clone()) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(uid, error = %e, "rebuilding the pod's proxy failed");

@@ -23,7 +23,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     capture::{ClientAddr, OrigDst},
     config::{Config, InjectRule},
-    identity::{IdentityError, IdentitySource, build_source},
+    identity::{
+        IdentityContext, IdentityError, IdentitySource, build_source_with, process_context,
+    },
     metrics::{Histogram, StatusClasses},
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
@@ -203,6 +205,18 @@ impl Proxy {
 
     /// As [`Proxy::with_limits`], with upstream sockets created by `dialer`.
     pub fn with_dialer(cfg: &Config, limits: Limits, dialer: Dialer) -> Result<Self, ProxyError> {
+        Self::with_dialer_and_identity(cfg, limits, dialer, process_context())
+    }
+
+    /// As [`Proxy::with_dialer`], with the rules' sources built in `identity`: `robin node`
+    /// passes a context bound to the pod it serves (see [`IdentityContext::for_pod`]), so
+    /// TokenRequest, delegated SPIFFE and exchange sources act for that pod.
+    pub fn with_dialer_and_identity(
+        cfg: &Config,
+        limits: Limits,
+        dialer: Dialer,
+        identity: &IdentityContext,
+    ) -> Result<Self, ProxyError> {
         let rules = cfg
             .inject
             .iter()
@@ -210,7 +224,8 @@ impl Proxy {
             .map(|(i, r)| {
                 Ok(Arc::new(Rule {
                     cfg: r.clone(),
-                    source: build_source(&r.source).map_err(|e| ProxyError::Source(i, e))?,
+                    source: build_source_with(&r.source, identity)
+                        .map_err(|e| ProxyError::Source(i, e))?,
                     label: r.label(),
                     stats: RuleStats::default(),
                 }))

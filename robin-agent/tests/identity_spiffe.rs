@@ -258,11 +258,26 @@ async fn delegated_mode_fetches_for_the_pod_by_selector() {
         spiffe_id: Some("spiffe://example.org/web".into()),
         ..Default::default()
     });
+    // For a pod, a rule set may not choose the selectors (every pod using it would get that
+    // workload's SVID), nor use the Workload API (which attests the agent itself).
+    let err = build_source_with(&explicit, &ctx).unwrap_err().to_string();
+    assert!(err.contains("cannot be set in node mode"), "{err}");
+    let workload_api = SourceConfig::Spiffe(SpiffeConfig {
+        audience: "vault".into(),
+        ..Default::default()
+    });
+    let err = build_source_with(&workload_api, &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must set delegated = true"), "{err}");
+    // Without a pod (an agent acting for a known workload), explicit selectors are the way.
+    let pod = ctx.pod.take();
     let t2 = build_source_with(&explicit, &ctx)
         .unwrap()
         .token()
         .await
         .unwrap();
+    ctx.pod = pod;
     assert_ne!(t, t2);
     let seen = seen.lock().unwrap();
     assert!(seen.metadata.is_empty());
@@ -275,7 +290,12 @@ async fn delegated_mode_fetches_for_the_pod_by_selector() {
     assert_eq!(seen.delegated[0].audience, vec!["vault".to_owned()]);
     assert_eq!(
         sel(&seen.delegated[0]),
-        vec![("k8s".into(), "pod-uid:0b6f-11ee".into())]
+        vec![
+            ("k8s".into(), "ns:shop".into()),
+            ("k8s".into(), "sa:default".into()),
+            ("k8s".into(), "pod-uid:0b6f-11ee".into()),
+            ("k8s".into(), "pod-name:web-0".into()),
+        ]
     );
     assert_eq!(
         sel(&seen.delegated[1]),

@@ -189,3 +189,44 @@ async fn config_rejects_unknown_fields_and_bad_names() {
     ));
     std::fs::remove_dir_all(&a.dir).unwrap();
 }
+
+/// A token bound to a pod must be for the pod's own namespace and ServiceAccount (the API server
+/// refuses anything else): a rule naming another account fails when the pod's proxy is built.
+#[tokio::test]
+async fn pod_known_explicit_account_must_be_the_pods() {
+    let mut a = api("tr-pod-explicit", 201).await;
+    a.ctx.pod = Some(PodRef {
+        namespace: "shop".into(),
+        name: "web-0".into(),
+        uid: "0b6f-11ee".into(),
+        service_account: Some("web".into()),
+    });
+    let with = |extra: &str| {
+        source(&format!(
+            r#"source = {{ kind = "token_request", audience = "a", api_server = "{}" {extra} }}"#,
+            a.url
+        ))
+    };
+    for other in [
+        r#", service_account = "admin""#,
+        r#", namespace = "kube-system""#,
+    ] {
+        let err = build_source_with(&with(other), &a.ctx).unwrap_err();
+        assert!(
+            matches!(&err, IdentityError::Config(m) if m.contains("must be the pod's (shop/web)")),
+            "{err}"
+        );
+    }
+    // Naming the pod's own account is allowed.
+    let same = build_source_with(
+        &with(r#", namespace = "shop", service_account = "web""#),
+        &a.ctx,
+    )
+    .unwrap();
+    same.token().await.unwrap();
+    assert_eq!(
+        a.calls.lock().unwrap()[0].path,
+        "/api/v1/namespaces/shop/serviceaccounts/web/token"
+    );
+    std::fs::remove_dir_all(&a.dir).unwrap();
+}

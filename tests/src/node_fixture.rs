@@ -1,6 +1,6 @@
 //! Fixtures for `robin node` end-to-end tests: a fake Kubernetes API server (a real HTTP server
-//! answering list and watch of pods, driven by the test), kubelet-like cgroup trees, simulated
-//! pods and small clients for the agent's admin plane.
+//! answering list and watch of pods, driven by the test, and TokenRequests), kubelet-like cgroup
+//! trees, simulated pods and small clients for the agent's admin plane.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -13,7 +13,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{Value, json};
@@ -24,7 +24,7 @@ pub const HOST: &str = "api.test";
 pub const NODE: &str = "node-a";
 pub const WAIT: Duration = Duration::from_secs(30);
 
-// ---- a fake Kubernetes API server: list and watch of pods ----
+// ---- a fake Kubernetes API server: list and watch of pods, TokenRequest ----
 
 #[derive(Default)]
 pub struct ApiState {
@@ -33,6 +33,22 @@ pub struct ApiState {
     watchers: Vec<mpsc::Sender<String>>,
     /// Until opened, lists fail (500): the agent cannot have synced.
     open: bool,
+    minted: Vec<MintedToken>,
+}
+
+/// A TokenRequest the fake API answered
+/// (`POST /api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token`).
+#[derive(Clone, Debug)]
+pub struct MintedToken {
+    pub namespace: String,
+    pub service_account: String,
+    /// The caller's `Authorization` header.
+    pub authorization: Option<String>,
+    /// The TokenRequest body as sent.
+    pub request: Value,
+    /// The JWT it answered (unsigned), and that JWT's claims.
+    pub token: String,
+    pub claims: Value,
 }
 
 pub struct FakeApi {
@@ -106,6 +122,11 @@ impl FakeApi {
     pub fn delete(&self, uid: &str) {
         self.event("DELETED", uid, None);
     }
+
+    /// Every TokenRequest answered so far, in order.
+    pub fn token_requests(&self) -> Vec<MintedToken> {
+        self.state.lock().unwrap().minted.clone()
+    }
 }
 
 impl Drop for FakeApi {
@@ -130,6 +151,10 @@ fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     let target = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+    if head.starts_with("POST ") {
+        serve_token_request(conn, &head, &target, state);
+        return;
+    }
     // The agent must ask only for its own node's pods.
     let selector = format!("fieldSelector=spec.nodeName%3D{NODE}");
     if !target.starts_with("/api/v1/pods?") || !target.contains(&selector) {
@@ -181,6 +206,144 @@ fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn respond(conn: &mut TcpStream, status: &str, body: &Value) {
+    let body = body.to_string();
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Mints an unsigned JWT shaped like a bound ServiceAccount token (the `kubernetes.io` claims
+/// of a real one), records the request and answers it as the API server does (201).
+fn serve_token_request(mut conn: TcpStream, head: &str, target: &str, state: &Mutex<ApiState>) {
+    let parts: Vec<&str> = target.split('/').collect();
+    let (namespace, sa) = match parts[..] {
+        [
+            "",
+            "api",
+            "v1",
+            "namespaces",
+            ns,
+            "serviceaccounts",
+            sa,
+            "token",
+        ] if !ns.is_empty() && !sa.is_empty() => (ns.to_owned(), sa.to_owned()),
+        _ => return respond(&mut conn, "404 Not Found", &json!({"kind": "Status"})),
+    };
+    let authorization = header(head, "authorization").map(str::to_owned);
+    if !authorization
+        .as_deref()
+        .is_some_and(|a| a.starts_with("Bearer "))
+    {
+        return respond(&mut conn, "401 Unauthorized", &json!({"kind": "Status"}));
+    }
+    let len: usize = header(head, "content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len.min(1 << 20)];
+    if conn.read_exact(&mut body).is_err() {
+        return;
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return respond(&mut conn, "400 Bad Request", &json!({"kind": "Status"}));
+    };
+    let spec = &request["spec"];
+    if request["kind"] != "TokenRequest"
+        || request["apiVersion"] != "authentication.k8s.io/v1"
+        || spec["audiences"].as_array().is_none_or(|a| a.is_empty())
+    {
+        return respond(&mut conn, "400 Bad Request", &json!({"kind": "Status"}));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = now + spec["expirationSeconds"].as_u64().unwrap_or(3600);
+    let bound = &spec["boundObjectRef"];
+    let mut state = state.lock().unwrap();
+    if bound["kind"] == "Pod" {
+        // As the API server does: the pod is looked up in the ServiceAccount's namespace and
+        // must run as that ServiceAccount, with the uid given.
+        let pod = state.pods.values().find(|p| {
+            p["metadata"]["namespace"] == namespace.as_str()
+                && p["metadata"]["name"] == bound["name"]
+        });
+        let refused = match pod {
+            None => Some("404 Not Found"),
+            Some(p) if p["metadata"]["uid"] != bound["uid"] => Some("409 Conflict"),
+            Some(p)
+                if p["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    != sa =>
+            {
+                Some("400 Bad Request")
+            }
+            Some(_) => None,
+        };
+        if let Some(status) = refused {
+            drop(state);
+            return respond(&mut conn, status, &json!({"kind": "Status"}));
+        }
+    }
+    let mut claims = json!({
+        "iss": "https://fake-api.test",
+        "sub": format!("system:serviceaccount:{namespace}:{sa}"),
+        "aud": spec["audiences"],
+        "iat": now,
+        "exp": exp,
+        "jti": format!("minted-{}", state.minted.len() + 1),
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": sa}},
+    });
+    if bound["kind"] == "Pod" {
+        claims["kubernetes.io"]["pod"] = json!({"name": bound["name"], "uid": bound["uid"]});
+    }
+    let token = format!(
+        "{}.{}.c2ln",
+        b64url(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64url(claims.to_string().as_bytes())
+    );
+    let mut answer = request.clone();
+    answer["status"] = json!({"token": token, "expirationTimestamp": exp});
+    state.minted.push(MintedToken {
+        namespace,
+        service_account: sa,
+        authorization,
+        request,
+        token,
+        claims,
+    });
+    drop(state);
+    respond(&mut conn, "201 Created", &answer);
+}
+
+/// Base64url without padding (JWT segments).
+fn b64url(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 // ---- simulated pods ----
@@ -321,4 +484,20 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn b64url_matches_rfc4648_without_padding() {
+        for (raw, enc) in [
+            (&b""[..], ""),
+            (b"M", "TQ"),
+            (b"Ma", "TWE"),
+            (b"Man", "TWFu"),
+            (b"\xfb\xff", "-_8"),
+        ] {
+            assert_eq!(super::b64url(raw), enc);
+        }
+    }
 }

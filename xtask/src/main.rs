@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod manifests;
 mod setup;
 
 #[derive(Parser)]
@@ -33,7 +34,8 @@ enum Task {
     },
     /// Show Robin's main job end to end on throwaway namespaces.
     Demo,
-    /// Render every kustomization under deploy/ (offline).
+    /// Render every kustomization under deploy/ and validate it against the Kubernetes schemas
+    /// (offline).
     Manifests,
     /// Benchmark Robin against the direct path and peer proxies (writes bench/results/).
     Bench {
@@ -52,7 +54,10 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             demo::run()
         }
-        Task::Manifests => manifests(),
+        Task::Manifests => {
+            setup::ensure_manifest_validator()?;
+            manifests::run()
+        }
         Task::Bench { smoke } => {
             setup::ensure()?;
             bench::run(smoke)
@@ -65,6 +70,13 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives inside the workspace")
         .to_owned()
+}
+
+/// `CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 pub fn cargo() -> Command {
@@ -92,10 +104,7 @@ pub fn build_robin(release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     status(&mut cmd)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join(if release {
+    Ok(target_dir().join(if release {
         "release/robin"
     } else {
         "debug/robin"
@@ -110,7 +119,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("the privileged tests (eBPF attach, netns, cgroups) must run as root");
     }
     let robin = build_robin(false)?;
-    manifests()?;
+    manifests::run()?;
     // Privileged tests share kernel state (cgroup2 tree, netns names); two threads keep the
     // suite quick while every world is uniquely named.
     let mut cmd = cargo();
@@ -175,49 +184,6 @@ impl TestTotals {
             }
         }
     }
-}
-
-/// `kubectl kustomize` on each kustomization: a manifest that does not render fails the suite.
-fn manifests() -> anyhow::Result<()> {
-    let deploy = workspace_root().join("deploy");
-    let mut dirs = Vec::new();
-    find_kustomizations(&deploy, &mut dirs)?;
-    dirs.sort();
-    for dir in &dirs {
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(dir)
-            .output()
-            .context("running kubectl (is it installed?)")?;
-        if !out.status.success() {
-            bail!(
-                "kubectl kustomize {} failed: {}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let docs = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("kind: "))
-            .count();
-        println!("manifests: {} renders {docs} objects", dir.display());
-    }
-    Ok(())
-}
-
-fn find_kustomizations(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            find_kustomizations(&path, out)?;
-        } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
-            out.push(dir.to_owned());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

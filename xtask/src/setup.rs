@@ -1,7 +1,9 @@
 //! Installs what building and testing Robin needs on a fresh Debian 12 machine:
 //! Debian's rustc 1.96 *with its source* (the BPF target has no prebuilt `core`, so the eBPF
-//! crate is built with `-Z build-std=core`), LLVM 22 for bpf-linker, bpf-linker 0.13, and the
-//! tools the end-to-end tests drive (iproute2, curl, python3, openssl).
+//! crate is built with `-Z build-std=core`), LLVM 22 for bpf-linker, bpf-linker 0.13, the
+//! tools the end-to-end tests drive (iproute2, curl, python3, openssl), and the offline
+//! Kubernetes schema validator `cargo xtask manifests` runs (PyPI `kubernetes-validate`, in a
+//! venv under the target dir).
 //!
 //! Idempotent: every step checks first, so a machine that has everything returns in well
 //! under a second.
@@ -9,7 +11,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::status;
+use crate::{manifests, status};
 
 const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -28,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "python3",
     "python3-requests",
+    // `python3 -m venv` for the manifest validator
+    "python3-venv",
 ];
 /// Files whose presence shows each package is installed (dpkg queries are slower).
 const APT_MARKERS: &[&str] = &[
@@ -42,13 +46,48 @@ const APT_MARKERS: &[&str] = &[
     "/usr/bin/openssl",
     "/usr/bin/python3",
     "/usr/lib/python3/dist-packages/requests/__init__.py",
+    // python3-venv (Debian 12's python3 is 3.11)
+    "/usr/lib/python3.11/ensurepip/__init__.py",
 ];
 
 pub fn ensure() -> anyhow::Result<()> {
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
     ensure_toolchain_link()?;
+    ensure_manifest_validator()?;
     Ok(())
+}
+
+/// `kubernetes-validate` (it bundles the Kubernetes OpenAPI schemas) in `target/tools/venv`,
+/// pinned, so `cargo xtask manifests` validates offline.
+pub fn ensure_manifest_validator() -> anyhow::Result<()> {
+    if manifests::validator_installed() {
+        return Ok(());
+    }
+    let venv = manifests::venv();
+    eprintln!(
+        "setup: installing kubernetes-validate {} into {}",
+        manifests::VALIDATOR_VERSION,
+        venv.display()
+    );
+    if !venv.join("bin/pip").exists() {
+        // Debian's python3 with python3-venv, not whatever `python3` is first on PATH.
+        status(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )
+        .context("creating the venv (needs python3-venv: run `cargo xtask setup`)")?;
+    }
+    status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={}",
+                manifests::VALIDATOR_VERSION
+            )),
+    )
 }
 
 fn ensure_apt_packages() -> anyhow::Result<()> {

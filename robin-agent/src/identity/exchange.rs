@@ -97,11 +97,18 @@ impl ExchangeSource {
             .map_err(|source| IdentityError::Http { origin, source })?;
         let inner = build_source_with(&cfg.inner, ctx)?;
         let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+        // The inner source's own key, not its label: a per-pod inner source (token_request,
+        // delegated spiffe) has one label for many pods. The pod uid on top keeps exchanged
+        // tokens per pod whatever the inner kind.
+        let inner_key = inner
+            .cache_key()
+            .map(|k| k.0.clone())
+            .unwrap_or_else(|| inner.describe());
+        let pod_uid = ctx.pod.as_ref().map(|p| p.uid.as_str()).unwrap_or("");
         let key = CacheKey(format!(
-            "exchange|{:?}|{}|inner={}|aud={}|scope={}|resource={}|client={}|stt={}|rtt={}",
+            "exchange|{:?}|{}|inner=({inner_key})|pod={pod_uid}|aud={}|scope={}|resource={}|client={}|stt={}|rtt={}",
             cfg.grant,
             cfg.token_endpoint,
-            inner.describe(),
             opt(&cfg.audience),
             opt(&cfg.scope),
             opt(&cfg.resource),
@@ -233,5 +240,97 @@ impl IdentitySource for ExchangeSource {
 
     fn token(&self) -> TokenFuture<'_> {
         Box::pin(self.cache.get(&self.key, || self.fetch()))
+    }
+
+    fn cache_key(&self) -> Option<&CacheKey> {
+        Some(&self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{CachePolicy, PodRef};
+
+    fn pod(name: &str, uid: &str) -> PodRef {
+        PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+            service_account: Some("web".into()),
+        }
+    }
+
+    fn exchange_over(inner: SourceConfig) -> ExchangeConfig {
+        ExchangeConfig {
+            grant: Grant::TokenExchange,
+            token_endpoint: "https://sts.example.com/token".into(),
+            inner: Box::new(inner),
+            audience: Some("billing".into()),
+            scope: None,
+            resource: None,
+            subject_token_type: None,
+            requested_token_type: None,
+            client_id: None,
+            ca_file: None,
+            allow_insecure_http: false,
+        }
+    }
+
+    fn key(cfg: &ExchangeConfig, ctx: &IdentityContext) -> String {
+        ExchangeSource::new(cfg, ctx)
+            .unwrap()
+            .cache_key()
+            .unwrap()
+            .0
+            .clone()
+    }
+
+    /// Two pods with the same namespace and ServiceAccount give the inner source the same
+    /// label; their exchanged tokens must still be cached apart, and one pod's twice together.
+    #[test]
+    fn per_pod_inner_sources_keep_exchanged_tokens_apart() {
+        let dir = std::env::temp_dir().join(format!("robin-exch-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, crate::tls::tests::test_ca("API CA").0).unwrap();
+        let base = IdentityContext::new(CachePolicy::default());
+        let (a, b) = (
+            base.for_pod(pod("web-0", "uid-a")),
+            base.for_pod(pod("web-1", "uid-b")),
+        );
+        let token_request =
+            SourceConfig::TokenRequest(super::super::token_request::TokenRequestConfig {
+                audience: "sts".into(),
+                expiration_seconds: 3600,
+                api_server: "https://kubernetes.default.svc".into(),
+                namespace: None,
+                service_account: None,
+                ca_file: Some(ca),
+                token_file: Some(dir.join("token")),
+                allow_insecure_http: false,
+            });
+        let delegated = SourceConfig::Spiffe(super::super::spiffe::SpiffeConfig {
+            audience: "sts".into(),
+            socket: Some("/run/spire/admin.sock".into()),
+            delegated: true,
+            ..Default::default()
+        });
+        for inner in [token_request, delegated] {
+            let cfg = exchange_over(inner);
+            let inner_a = build_source_with(&cfg.inner, &a).unwrap();
+            let inner_b = build_source_with(&cfg.inner, &b).unwrap();
+            assert_eq!(inner_a.describe(), inner_b.describe());
+            let (ka, kb) = (key(&cfg, &a), key(&cfg, &b));
+            assert_ne!(ka, kb);
+            assert!(ka.contains("uid-a") && kb.contains("uid-b"), "{ka} {kb}");
+            assert_eq!(ka, key(&cfg, &a));
+        }
+        // A file inner source has no cache key: its label (the path) stands in.
+        let file = exchange_over(SourceConfig::File {
+            path: "/proc/7/root/t".into(),
+        });
+        assert!(key(&file, &base).contains("inner=(file:/proc/7/root/t)"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

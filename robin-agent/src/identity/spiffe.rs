@@ -121,6 +121,18 @@ pub struct SpiffeConfig {
     pub selectors: Vec<String>,
 }
 
+/// The pod's selectors as SPIRE's `k8s` workload attestor produces them (a subset: the ones
+/// registration entries are usually written with).
+fn pod_selectors(pod: &super::PodRef) -> Vec<String> {
+    let sa = pod.service_account.as_deref().unwrap_or("default");
+    vec![
+        format!("k8s:ns:{}", pod.namespace),
+        format!("k8s:sa:{sa}"),
+        format!("k8s:pod-uid:{}", pod.uid),
+        format!("k8s:pod-name:{}", pod.name),
+    ]
+}
+
 pub struct SpiffeSource {
     socket: PathBuf,
     audience: String,
@@ -180,13 +192,23 @@ impl SpiffeSource {
         let spiffe_id = cfg.spiffe_id.clone().unwrap_or_default();
         let selectors = if cfg.delegated {
             let raw = match (&cfg.selectors[..], &ctx.pod) {
-                ([], Some(pod)) => vec![format!("k8s:pod-uid:{}", pod.uid)],
+                // What SPIRE's k8s workload attestor would say of the pod: entries registered by
+                // namespace and ServiceAccount, or by pod, match.
+                ([], Some(pod)) => pod_selectors(pod),
                 ([], None) => {
                     return Err(IdentityError::Config(
                         "delegated spiffe source needs selectors or a known pod".into(),
                     ));
                 }
-                (s, _) => s.to_vec(),
+                // A rule set shared by many pods must not pick whose identity they get.
+                (_, Some(pod)) => {
+                    return Err(IdentityError::Config(format!(
+                        "spiffe selectors cannot be set in node mode: pod {}/{} is described by \
+                         its own (k8s:ns, k8s:sa, k8s:pod-uid, k8s:pod-name)",
+                        pod.namespace, pod.name
+                    )));
+                }
+                (s, None) => s.to_vec(),
             };
             let mut out = Vec::new();
             for sel in raw {
@@ -209,6 +231,13 @@ impl SpiffeSource {
             return Err(IdentityError::Config(
                 "spiffe selectors need delegated = true".into(),
             ));
+        } else if let Some(pod) = &ctx.pod {
+            // The Workload API attests the caller, i.e. Robin: every pod would get Robin's SVID.
+            return Err(IdentityError::Config(format!(
+                "spiffe source for pod {}/{} must set delegated = true (the Workload API would \
+                 attest the agent, not the pod)",
+                pod.namespace, pod.name
+            )));
         } else {
             None
         };
@@ -375,5 +404,9 @@ impl IdentitySource for SpiffeSource {
 
     fn token(&self) -> TokenFuture<'_> {
         Box::pin(self.cache.get(&self.key, || self.fetch()))
+    }
+
+    fn cache_key(&self) -> Option<&CacheKey> {
+        Some(&self.key)
     }
 }

@@ -133,6 +133,20 @@ impl TokenRequestSource {
             (None, Some(sa)) => sa.clone(),
             (None, None) => own_service_account(&token_file, &namespace)?,
         };
+        if let Some(p) = &pod {
+            // The API server binds a token to a pod only for the pod's own namespace and
+            // ServiceAccount: fail here, once, rather than on every request.
+            let own_sa = p.service_account.as_deref().unwrap_or(&service_account);
+            if namespace != p.namespace || service_account != own_sa {
+                return Err(IdentityError::Config(format!(
+                    "token_request for {}/{}: namespace and service_account must be the pod's ({}/{})",
+                    sanitize(&namespace, 64),
+                    sanitize(&service_account, 64),
+                    sanitize(&p.namespace, 64),
+                    sanitize(own_sa, 64)
+                )));
+            }
+        }
         for (what, v) in [
             ("namespace", &namespace),
             ("service_account", &service_account),
@@ -275,6 +289,10 @@ impl IdentitySource for TokenRequestSource {
 
     fn token(&self) -> TokenFuture<'_> {
         Box::pin(self.cache.get(&self.key, || self.fetch()))
+    }
+
+    fn cache_key(&self) -> Option<&CacheKey> {
+        Some(&self.key)
     }
 }
 

@@ -152,19 +152,32 @@ pub fn from_toml(
     })
 }
 
+/// Points `file` sources, at any depth, at the pod's filesystem: an exchange over a file read
+/// on the node would trade the same token for every pod.
+fn read_in_pod(source: &mut SourceConfig, pid: u32) {
+    match source {
+        SourceConfig::File { path } => *path = super::podcgroup::in_pod_root(pid, path),
+        SourceConfig::Exchange(x) => read_in_pod(&mut x.inner, pid),
+        SourceConfig::TokenRequest(_) | SourceConfig::Spiffe(_) => {}
+    }
+}
+
 fn first_line(msg: &str) -> String {
     msg.lines().next().unwrap_or_default().to_owned()
 }
 
 impl RuleSet {
     /// The config for one pod: the pod's own token at `token_path`, every `file` source read
-    /// through process `pid`'s filesystem view, and the pod's capture ports if it names any.
+    /// through process `pid`'s filesystem view (also the inner one of an `exchange`), and the
+    /// pod's capture ports if it names any.
     pub fn for_pod(&self, pid: u32, token_path: &Path, ports: Option<&[u16]>) -> Config {
         let mut cfg = self.config.clone();
         for (rule, &own) in cfg.inject.iter_mut().zip(&self.pod_token) {
-            if let SourceConfig::File { path } = &mut rule.source {
-                let inside = if own { token_path } else { path.as_path() };
-                *path = super::podcgroup::in_pod_root(pid, inside);
+            match &mut rule.source {
+                SourceConfig::File { path } if own => {
+                    *path = super::podcgroup::in_pod_root(pid, token_path);
+                }
+                source => read_in_pod(source, pid),
             }
         }
         if let Some(ports) = ports {
@@ -222,6 +235,9 @@ hosts = ["api.test"]
 [[rule_sets.default.inject]]
 hosts = ["other.test"]
 source = { kind = "file", path = "/etc/other-token" }
+[[rule_sets.default.inject]]
+hosts = ["sts.test"]
+source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https://sts.test/t", inner = { kind = "file", path = "/etc/subject" } }
 [[rule_sets.empty.inject]]
 "#
                 .replace("[[rule_sets.empty.inject]]\n", "[rule_sets.empty]\n")
@@ -232,7 +248,7 @@ source = { kind = "file", path = "/etc/other-token" }
         assert!(cfg.base.inject.is_empty());
         assert_eq!(cfg.rule_sets["empty"].config.inject.len(), 0);
         let set = &cfg.rule_sets["default"];
-        assert_eq!(set.pod_token, vec![true, false]);
+        assert_eq!(set.pod_token, vec![true, false, false]);
         let pod = set.for_pod(42, Path::new("/run/t/tok"), Some(&[8443]));
         assert_eq!(
             pod.inject[0].source,
@@ -244,6 +260,15 @@ source = { kind = "file", path = "/etc/other-token" }
             pod.inject[1].source,
             SourceConfig::File {
                 path: PathBuf::from("/proc/42/root/etc/other-token")
+            }
+        );
+        let SourceConfig::Exchange(x) = &pod.inject[2].source else {
+            panic!("not an exchange");
+        };
+        assert_eq!(
+            *x.inner,
+            SourceConfig::File {
+                path: PathBuf::from("/proc/42/root/etc/subject")
             }
         );
         assert_eq!(pod.capture.ports, vec![8443]);

@@ -29,7 +29,7 @@ use tokio::{
 };
 
 use super::kubeconfig::{ApiAuth, ApiEndpoint};
-use crate::identity::Token;
+use crate::identity::{PodRef, Token};
 
 pub const ENV_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
 pub const ENV_SERVICE_PORT: &str = "KUBERNETES_SERVICE_PORT";
@@ -114,10 +114,29 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
+/// The ServiceAccount of a pod whose spec names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
 impl Pod {
     /// `namespace/name`, for logs and the debug endpoint.
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+
+    /// Who this pod is, for the identity sources that act on its behalf.
+    pub fn identity(&self) -> PodRef {
+        let sa = self
+            .spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+        PodRef {
+            namespace: self.metadata.namespace.clone(),
+            name: self.metadata.name.clone(),
+            uid: self.metadata.uid.clone(),
+            service_account: Some(sa.to_owned()),
+        }
     }
 }
 
@@ -526,6 +545,28 @@ pub async fn run_pod_watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_defaults_the_service_account() {
+        let named = br#"{"metadata":{"name":"web-0","namespace":"shop","uid":"u1"},"spec":{"serviceAccountName":"web"}}"#;
+        let pod: Pod = serde_json::from_slice(named).unwrap();
+        assert_eq!(
+            pod.identity(),
+            PodRef {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+                uid: "u1".into(),
+                service_account: Some("web".into()),
+            }
+        );
+        let unnamed: Pod =
+            serde_json::from_slice(br#"{"metadata":{"name":"p","namespace":"n","uid":"u2"}}"#)
+                .unwrap();
+        assert_eq!(
+            unnamed.identity().service_account.as_deref(),
+            Some(DEFAULT_SERVICE_ACCOUNT)
+        );
+    }
 
     #[test]
     fn selector_is_encoded() {
