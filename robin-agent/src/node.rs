@@ -60,6 +60,7 @@ pub const ENV_KUBE_TOKEN_FILE: &str = "ROBIN_KUBE_TOKEN_FILE";
 pub const ENV_KUBE_CA: &str = "ROBIN_KUBE_CA";
 pub const ENV_ADMIN_ADDR: &str = "ROBIN_ADMIN_ADDR";
 pub const ENV_BPF_PIN_DIR: &str = "ROBIN_BPF_PIN_DIR";
+pub const ENV_DRAIN_TIMEOUT: &str = "ROBIN_DRAIN_TIMEOUT";
 
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -116,6 +117,10 @@ pub struct NodeArgs {
     /// captured, failing closed, while the agent restarts.
     #[arg(long, env = ENV_BPF_PIN_DIR, default_value = "/sys/fs/bpf/robin", value_name = "DIR")]
     pub bpf_pin_dir: PathBuf,
+    /// On SIGTERM, how long connections in flight may take to finish (keep it below the pod's
+    /// terminationGracePeriodSeconds), e.g. `10s`, `500ms`.
+    #[arg(long, env = ENV_DRAIN_TIMEOUT, default_value = "10s", value_parser = crate::oidc_gateway::parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// What a pod asks for through its annotations.
@@ -371,6 +376,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         tx,
         shared.watch_synced.clone(),
     ));
+    let in_flight = Arc::new(());
     let reconciler = Reconciler {
         capturer,
         cfg,
@@ -380,14 +386,38 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         captured: HashMap::new(),
         adopted,
         listed: false,
+        in_flight: in_flight.clone(),
     };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let mut reconciler = tokio::spawn(reconciler.run(rx, stopped));
     tokio::select! {
-        () = reconciler.run(rx) => {}
+        r = &mut reconciler => {
+            r.context("the reconciler failed")?;
+            return Ok(ExitCode::FAILURE);
+        }
         r = tokio::signal::ctrl_c() => { r.context("waiting for a signal")?; }
         () = sigterm() => {}
     }
-    tracing::info!("shutting down");
+    // Stop accepting (listeners close; the pinned capture stays, so new connects are refused),
+    // then let connections in flight finish, bounded.
+    let _ = stop.send(());
+    let _ = reconciler.await;
+    let left = drain(&in_flight, args.drain_timeout).await;
+    tracing::info!(
+        connections_cut = left,
+        "shutting down; pinned capture stays in place"
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until no connection task holds a clone of `in_flight`, at most `timeout`; returns how
+/// many were still open.
+async fn drain(in_flight: &Arc<()>, timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while Arc::strong_count(in_flight) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Arc::strong_count(in_flight) - 1
 }
 
 /// Which API server, in kube-rs's order: `--kube-api`; else a kubeconfig named by
@@ -462,14 +492,27 @@ struct Reconciler {
     adopted: HashMap<u64, Attachment>,
     /// A complete pod list has been applied: adopted attachments no pod claims can go.
     listed: bool,
+    /// Cloned by every connection task, so shutdown can wait for them.
+    in_flight: Arc<()>,
 }
 
 impl Reconciler {
-    async fn run(mut self, mut rx: mpsc::Receiver<PodEvent>) {
+    /// Runs until `stop` fires (then closes every listener) or the pod watch ends.
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<PodEvent>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(RETRY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = &mut stop => {
+                    for c in self.captured.values() {
+                        c.serve.abort();
+                    }
+                    return;
+                }
                 ev = rx.recv() => match ev {
                     None => return,
                     Some(PodEvent::Restarted(pods)) => {
@@ -695,7 +738,7 @@ impl Reconciler {
         let (proxy_tx, proxy_rx) = watch::channel(proxy.clone());
         let span = tracing::info_span!("pod", pod = %pod.key());
         let serve = tokio::spawn(tracing::Instrument::instrument(
-            accept_loop(listener, proxy_rx),
+            accept_loop(listener, proxy_rx, self.in_flight.clone()),
             span,
         ));
         self.shared
@@ -850,7 +893,11 @@ impl Reconciler {
     }
 }
 
-async fn accept_loop(listener: Arc<CapturedListener>, proxy: watch::Receiver<Proxy>) {
+async fn accept_loop(
+    listener: Arc<CapturedListener>,
+    proxy: watch::Receiver<Proxy>,
+    in_flight: Arc<()>,
+) {
     loop {
         match listener.accept().await {
             Ok((mut stream, orig, client)) => {
@@ -864,7 +911,11 @@ async fn accept_loop(listener: Arc<CapturedListener>, proxy: watch::Receiver<Pro
                     continue;
                 }
                 let proxy = proxy.borrow().clone();
-                tokio::spawn(async move { proxy.serve(stream, orig, client).await });
+                let guard = in_flight.clone();
+                tokio::spawn(async move {
+                    proxy.serve(stream, orig, client).await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

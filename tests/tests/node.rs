@@ -339,6 +339,39 @@ fn pod_cgroup_id(container: &Cgroup) -> u64 {
         .unwrap()
 }
 
+/// While no agent runs, the pod's ruled connects are refused in the kernel and nothing reaches
+/// the upstream (with or without a token).
+fn assert_refused(topo: &Topology, cgroup: &Cgroup, upstream_log: &Path) {
+    let before = served(upstream_log);
+    for attempt in 0..3 {
+        let out = command_in(
+            &topo.pod,
+            Some(cgroup),
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("https://{HOST}/while-down-{attempt}"),
+            ],
+        )
+        .output()
+        .expect("running curl");
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "curl must fail to connect while the agent is down: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        served(upstream_log),
+        before,
+        "a request bypassed the missing agent"
+    );
+}
+
 /// Requests the upstream has served so far.
 fn served(log: &Path) -> usize {
     std::fs::read_to_string(log)
@@ -347,7 +380,7 @@ fn served(log: &Path) -> usize {
 }
 
 #[test]
-fn killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
+fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     require_privileges();
     let dir = TempDir::new("restart");
     let pki = Pki::new(dir.path(), &[HOST]);
@@ -438,41 +471,50 @@ fn killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
         "each captured pod's links are pinned"
     );
 
-    // kill -9: nothing runs on the way out.
-    agent.0.kill().unwrap();
-    agent.0.wait().unwrap();
+    // SIGTERM (a rolling upgrade) with a stream in flight: the stream completes, then the
+    // agent exits; the pinned capture stays.
+    let before = served(&log_a);
+    let stream = command_in(
+        &topo_a.pod,
+        Some(&cg_a),
+        "curl",
+        &[
+            "-sS",
+            "-N",
+            "--max-time",
+            "20",
+            &format!("https://{HOST}/sse"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("starting curl");
+    wait_for("the stream to reach the upstream", || {
+        (served(&log_a) > before).then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = stream.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("event-2"),
+        "a stream in flight at SIGTERM was cut: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exited = wait_for("the agent to exit after draining", || {
+        agent.0.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited}");
     assert!(
         admin_get(admin, "/healthz").is_none(),
         "the agent is still answering"
     );
     assert_eq!(pins.attached_cgroups(), both, "pins outlive the agent");
-
-    // Fail closed: the ruled connect is refused in the kernel, nothing reaches the upstream
-    // (with or without a token).
-    let before = served(&log_a);
-    for attempt in 0..3 {
-        let out = command_in(
-            &topo_a.pod,
-            Some(&cg_a),
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                &format!("https://{HOST}/while-down-{attempt}"),
-            ],
-        )
-        .output()
-        .expect("running curl");
-        assert_eq!(
-            out.status.code(),
-            Some(7),
-            "curl must fail to connect while the agent is down: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert_eq!(served(&log_a), before, "a request bypassed the dead agent");
+    assert_refused(&topo_a, &cg_a, &log_a);
 
     // Pod b goes away while no agent runs.
     api.delete(&uid_b);
@@ -496,9 +538,13 @@ fn killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
         "the pod's process did not survive the agent restart"
     );
 
-    // Uninstall is removing the pins: capture goes, the pod's connects go direct.
+    // kill -9: nothing runs on the way out, and the pod still fails closed.
     agent.0.kill().unwrap();
     agent.0.wait().unwrap();
+    assert_eq!(pins.attached_cgroups(), vec![id_a]);
+    assert_refused(&topo_a, &cg_a, &log_a);
+
+    // Uninstall is removing the pins: capture goes, the pod's connects go direct.
     std::fs::remove_dir_all(pins.path()).unwrap();
     let seen = curl(&topo_a.pod, &cg_a, "/uninstalled");
     assert_eq!(
