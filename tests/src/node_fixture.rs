@@ -18,7 +18,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{Cgroup, ChildGuard, Netns, Pki, Topology, command_in};
+use crate::{
+    BpfPins, Cgroup, ChildGuard, Netns, Pki, Topology, command_in, find_cgroup2_mount, pod_etc,
+    robin_bin, unique_id,
+};
 
 pub const HOST: &str = "api.test";
 pub const NODE: &str = "node-a";
@@ -500,4 +503,147 @@ mod tests {
             assert_eq!(super::b64url(raw), enc);
         }
     }
+}
+
+/// A pod's network: its own namespace joined by veth to an upstream namespace that runs
+/// `upstream.py` (HTTPS on 443, echoing what it received, logging to `log`); the pod's `/etc`
+/// resolves [`HOST`] to it and trusts Robin's and the upstream's CA.
+pub struct PodNet {
+    pub topo: Topology,
+    pub log: PathBuf,
+    _upstream: ChildGuard,
+}
+
+impl PodNet {
+    pub fn new(pki: &Pki, log: PathBuf) -> Self {
+        let topo = Topology::new(0);
+        pod_etc(
+            &topo.pod,
+            &[(HOST, std::net::IpAddr::from(topo.upstream_ip4))],
+            &[pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")],
+        );
+        let upstream = start_upstream(&topo, pki, &log);
+        Self {
+            topo,
+            log,
+            _upstream: upstream,
+        }
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.topo.pod
+    }
+}
+
+/// A cgroup root laid out by the test as the kubelet lays out its pods, under `robin-test/` of
+/// the cgroup2 mount; removed (children first) on drop.
+pub struct KubeletCgroups {
+    pub root: PathBuf,
+    tree: CgroupTree,
+}
+
+impl KubeletCgroups {
+    pub fn new() -> Self {
+        let parent = find_cgroup2_mount()
+            .expect("privileged test: no cgroup2 hierarchy is mounted")
+            .join("robin-test");
+        std::fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
+        let root = parent.join(format!("node{}", unique_id()));
+        let tree = CgroupTree(vec![
+            Cgroup::create(root.clone()).expect("creating cgroup root"),
+        ]);
+        Self { root, tree }
+    }
+
+    /// A container of pod `uid` with the systemd driver:
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/<container>.scope`
+    /// (`qos`: `besteffort` or `burstable`).
+    pub fn systemd(&mut self, uid: &str, qos: &str, container: &str) -> Cgroup {
+        let rel = Path::new("kubepods.slice")
+            .join(format!("kubepods-{qos}.slice"))
+            .join(format!("kubepods-{qos}-pod{}.slice", uid.replace('-', "_")))
+            .join(format!("{container}.scope"));
+        Cgroup::existing(self.tree.mkdirs(&self.root, &rel))
+    }
+
+    /// A container of pod `uid` with the cgroupfs driver: `kubepods/<qos>/pod<uid>/<container>`,
+    /// or `kubepods/pod<uid>/<container>` for a Guaranteed pod (`qos` empty).
+    pub fn cgroupfs(&mut self, uid: &str, qos: &str, container: &str) -> Cgroup {
+        let rel = Path::new("kubepods")
+            .join(qos)
+            .join(format!("pod{uid}"))
+            .join(container);
+        Cgroup::existing(self.tree.mkdirs(&self.root, &rel))
+    }
+}
+
+impl Default for KubeletCgroups {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A container process of a pod: `sleep 600` inside `netns` and `cgroup`.
+pub fn pod_process(netns: &Netns, cgroup: &Cgroup) -> ChildGuard {
+    ChildGuard(
+        command_in(netns, Some(cgroup), "sleep", &["600"])
+            .spawn()
+            .expect("starting a pod process"),
+    )
+}
+
+/// Writes a node config: Robin's CA, the upstream CA as extra roots, capture of port 443, and
+/// `rule_sets` (TOML).
+pub fn write_node_config(path: &Path, pki: &Pki, rule_sets: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n{rule_sets}",
+            pki.file("robin-ca.crt"),
+            pki.file("robin-ca.key"),
+            pki.file("upstream-ca.crt"),
+        ),
+    )
+    .expect("writing the node config");
+}
+
+/// The one rule set most tests use: inject the pod's own token for [`HOST`].
+pub fn default_rule_set() -> String {
+    format!("[[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\n")
+}
+
+/// `robin node` against `api`, with the cgroup root, pin directory and admin port of the test,
+/// logging at `log_level` to `log`.
+pub fn start_agent(
+    api: &FakeApi,
+    config: &Path,
+    cgroups: &KubeletCgroups,
+    pins: &BpfPins,
+    admin: u16,
+    log_level: &str,
+    log: &Path,
+) -> ChildGuard {
+    ChildGuard(
+        Command::new(robin_bin())
+            .args(["node", "--node-name", NODE, "--kube-api", &api.url()])
+            .arg("--config")
+            .arg(config)
+            .arg("--cgroup-root")
+            .arg(&cgroups.root)
+            .arg("--bpf-pin-dir")
+            .arg(pins.path())
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .env("ROBIN_LOG", log_level)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("creating the agent log"))
+            .spawn()
+            .expect("starting robin node"),
+    )
+}
+
+/// The cgroup id of the pod cgroup above a container cgroup (what the agent attaches to).
+pub fn pod_cgroup_id(container: &Cgroup) -> u64 {
+    Cgroup::existing(container.path().parent().expect("a container has a pod"))
+        .id()
+        .expect("reading the pod cgroup id")
 }

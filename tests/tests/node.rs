@@ -2,21 +2,16 @@
 //! HTTP server answering list and watch for pods); below it everything is real: pods are network
 //! namespaces plus cgroups laid out as the kubelet lays them out (systemd and cgroupfs drivers)
 //! under a test cgroup root, with processes and token files.
-use std::{
-    net::IpAddr,
-    path::Path,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{path::Path, process::Stdio, thread, time::Duration};
 
 use robin_e2e::{
-    BpfPins, Cgroup, ChildGuard, Pki, TempDir, Topology, command_in, find_cgroup2_mount,
+    BpfPins, Cgroup, ChildGuard, Pki, TempDir, command_in,
     node_fixture::{
-        CgroupTree, FakeApi, HOST, NODE, admin_get, curl, debug_pods, free_port, metric, pod_json,
-        pod_state, pod_uid, start_upstream, wait_for,
+        FakeApi, HOST, KubeletCgroups, PodNet, admin_get, curl, debug_pods, default_rule_set,
+        free_port, metric, pod_cgroup_id, pod_json, pod_process, pod_state, pod_uid, start_agent,
+        wait_for, write_node_config,
     },
-    pod_etc, require_privileges, robin_bin, unique_id,
+    require_privileges, robin_bin,
 };
 use serde_json::json;
 
@@ -26,22 +21,10 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     let dir = TempDir::new("node");
     let pki = Pki::new(dir.path(), &[HOST]);
     // Two pods, each in its own network namespace with its own upstream.
-    let topo_a = Topology::new(0);
-    let topo_b = Topology::new(0);
-    let cas = [pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")];
-    pod_etc(
-        &topo_a.pod,
-        &[(HOST, IpAddr::from(topo_a.upstream_ip4))],
-        &cas,
+    let (net_a, net_b) = (
+        PodNet::new(&pki, dir.path().join("up-a.log")),
+        PodNet::new(&pki, dir.path().join("up-b.log")),
     );
-    pod_etc(
-        &topo_b.pod,
-        &[(HOST, IpAddr::from(topo_b.upstream_ip4))],
-        &cas,
-    );
-    let (log_a, log_b) = (dir.path().join("up-a.log"), dir.path().join("up-b.log"));
-    let _up_a = start_upstream(&topo_a, &pki, &log_a);
-    let _up_b = start_upstream(&topo_b, &pki, &log_b);
 
     let (tok_a, tok_b, tok_a2) = ("tok-A.pod-alpha", "tok-B.pod-bravo", "tok-A2.rotated");
     let (file_a, file_b, file_a2) = (
@@ -55,61 +38,17 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
 
     // The kubelet's layout under a test cgroup root: A with the systemd driver (BestEffort), B
     // with cgroupfs (Burstable), C (not annotated, Guaranteed) sharing A's network namespace.
-    let parent = find_cgroup2_mount().unwrap().join("robin-test");
-    std::fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
-    let root = parent.join(format!("node{}", unique_id()));
-    let mut tree = CgroupTree(vec![
-        Cgroup::create(root.clone()).expect("creating cgroup root"),
-    ]);
+    let mut cgroups = KubeletCgroups::new();
     let (uid_a, uid_b, uid_c) = (pod_uid(), pod_uid(), pod_uid());
-    let cg_a = tree.mkdirs(
-        &root,
-        &Path::new("kubepods.slice/kubepods-besteffort.slice")
-            .join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                uid_a.replace('-', "_")
-            ))
-            .join("cri-containerd-a.scope"),
-    );
-    let cg_b = tree.mkdirs(
-        &root,
-        &Path::new("kubepods/burstable")
-            .join(format!("pod{uid_b}"))
-            .join("ctr-b"),
-    );
-    let cg_c = tree.mkdirs(
-        &root,
-        &Path::new("kubepods")
-            .join(format!("pod{uid_c}"))
-            .join("ctr-c"),
-    );
-    let (cg_a, cg_b, cg_c) = (
-        Cgroup::existing(cg_a),
-        Cgroup::existing(cg_b),
-        Cgroup::existing(cg_c),
-    );
-    let spawn_sleeper = |netns, cg| {
-        ChildGuard(
-            command_in(netns, Some(cg), "sleep", &["600"])
-                .spawn()
-                .expect("starting a pod process"),
-        )
-    };
-    let _pa = spawn_sleeper(&topo_a.pod, &cg_a);
-    let _pb = spawn_sleeper(&topo_b.pod, &cg_b);
-    let _pc = spawn_sleeper(&topo_a.pod, &cg_c);
+    let cg_a = cgroups.systemd(&uid_a, "besteffort", "cri-containerd-a");
+    let cg_b = cgroups.cgroupfs(&uid_b, "burstable", "ctr-b");
+    let cg_c = cgroups.cgroupfs(&uid_c, "", "ctr-c");
+    let _pa = pod_process(net_a.netns(), &cg_a);
+    let _pb = pod_process(net_b.netns(), &cg_b);
+    let _pc = pod_process(net_a.netns(), &cg_c);
 
     let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n[[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\n",
-            pki.file("robin-ca.crt"),
-            pki.file("robin-ca.key"),
-            pki.file("upstream-ca.crt"),
-        ),
-    )
-    .unwrap();
+    write_node_config(&config, &pki, &default_rule_set());
 
     let api = FakeApi::start();
     let inject = |token: &Path| json!({"robin.dev/inject": "true", "robin.dev/token-path": token.to_str().unwrap()});
@@ -139,7 +78,7 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     let admin = free_port();
     let agent_log = dir.path().join("agent.log");
     let pins = BpfPins::new();
-    let _agent = start_agent(&api, &config, &root, admin, &pins, &agent_log);
+    let _agent = start_agent(&api, &config, &cgroups, &pins, admin, "info", &agent_log);
     let agent_logs = || std::fs::read_to_string(&agent_log).unwrap_or_default();
 
     // Not ready while the pod list fails.
@@ -152,7 +91,7 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     let robin = robin.to_str().unwrap();
     let mut awaiting = ChildGuard(
         command_in(
-            &topo_a.pod,
+            net_a.netns(),
             Some(&cg_a),
             robin,
             &["await", "--timeout-secs", "30"],
@@ -194,21 +133,21 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     assert!(!serde_json::to_string(&pods).unwrap().contains("tok-"));
 
     // Each pod gets its own token; the pod without the annotation is untouched.
-    let seen = curl(&topo_a.pod, &cg_a, "/a");
+    let seen = curl(net_a.netns(), &cg_a, "/a");
     assert_eq!(
         seen["authorization"],
         json!([format!("Bearer {tok_a}")]),
         "{}",
         agent_logs()
     );
-    let seen = curl(&topo_b.pod, &cg_b, "/b");
+    let seen = curl(net_b.netns(), &cg_b, "/b");
     assert_eq!(
         seen["authorization"],
         json!([format!("Bearer {tok_b}")]),
         "{}",
         agent_logs()
     );
-    let seen = curl(&topo_a.pod, &cg_c, "/c");
+    let seen = curl(net_a.netns(), &cg_c, "/c");
     assert_eq!(
         seen["authorization"],
         json!([]),
@@ -263,7 +202,7 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     wait_for("new token path", || {
         pod_state(admin, &uid_a).filter(|p| p["token_path"] == file_a2.to_str().unwrap())
     });
-    let seen = curl(&topo_a.pod, &cg_a, "/a2");
+    let seen = curl(net_a.netns(), &cg_a, "/a2");
     assert_eq!(
         seen["authorization"],
         json!([format!("Bearer {tok_a2}")]),
@@ -276,7 +215,7 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     wait_for("pod b released", || {
         pod_state(admin, &uid_b).is_none().then_some(())
     });
-    let seen = curl(&topo_b.pod, &cg_b, "/b-after");
+    let seen = curl(net_b.netns(), &cg_b, "/b-after");
     assert_eq!(
         seen["authorization"],
         json!([]),
@@ -305,47 +244,13 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     }
 }
 
-/// `robin node` against `api`, pinning under `pins`, logging to `log`.
-fn start_agent(
-    api: &FakeApi,
-    config: &Path,
-    cgroup_root: &Path,
-    admin: u16,
-    pins: &BpfPins,
-    log: &Path,
-) -> ChildGuard {
-    ChildGuard(
-        Command::new(robin_bin())
-            .args(["node", "--node-name", NODE, "--kube-api", &api.url()])
-            .arg("--config")
-            .arg(config)
-            .arg("--cgroup-root")
-            .arg(cgroup_root)
-            .arg("--bpf-pin-dir")
-            .arg(pins.path())
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .env("ROBIN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("starting robin node"),
-    )
-}
-
-/// The cgroup id of the pod cgroup above a container cgroup (what the agent attaches to).
-fn pod_cgroup_id(container: &Cgroup) -> u64 {
-    Cgroup::existing(container.path().parent().unwrap())
-        .id()
-        .unwrap()
-}
-
 /// While no agent runs, the pod's ruled connects are refused in the kernel and nothing reaches
 /// the upstream (with or without a token).
-fn assert_refused(topo: &Topology, cgroup: &Cgroup, upstream_log: &Path) {
-    let before = served(upstream_log);
+fn assert_refused(net: &PodNet, cgroup: &Cgroup) {
+    let before = served(&net.log);
     for attempt in 0..3 {
         let out = command_in(
-            &topo.pod,
+            net.netns(),
             Some(cgroup),
             "curl",
             &[
@@ -366,7 +271,7 @@ fn assert_refused(topo: &Topology, cgroup: &Cgroup, upstream_log: &Path) {
         );
     }
     assert_eq!(
-        served(upstream_log),
+        served(&net.log),
         before,
         "a request bypassed the missing agent"
     );
@@ -384,66 +289,22 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     require_privileges();
     let dir = TempDir::new("restart");
     let pki = Pki::new(dir.path(), &[HOST]);
-    let topo_a = Topology::new(0);
-    let topo_b = Topology::new(0);
-    let cas = [pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")];
-    for t in [&topo_a, &topo_b] {
-        pod_etc(&t.pod, &[(HOST, IpAddr::from(t.upstream_ip4))], &cas);
-    }
-    let (log_a, log_b) = (dir.path().join("up-a.log"), dir.path().join("up-b.log"));
-    let _up_a = start_upstream(&topo_a, &pki, &log_a);
-    let _up_b = start_upstream(&topo_b, &pki, &log_b);
+    let (net_a, net_b) = (
+        PodNet::new(&pki, dir.path().join("up-a.log")),
+        PodNet::new(&pki, dir.path().join("up-b.log")),
+    );
     let tok = "tok-restart.pod-alpha";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, tok).unwrap();
 
-    let parent = find_cgroup2_mount().unwrap().join("robin-test");
-    std::fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
-    let root = parent.join(format!("node{}", unique_id()));
-    let mut tree = CgroupTree(vec![
-        Cgroup::create(root.clone()).expect("creating cgroup root"),
-    ]);
+    let mut cgroups = KubeletCgroups::new();
     let (uid_a, uid_b) = (pod_uid(), pod_uid());
-    let cg_a = Cgroup::existing(
-        tree.mkdirs(
-            &root,
-            &Path::new("kubepods.slice/kubepods-besteffort.slice")
-                .join(format!(
-                    "kubepods-besteffort-pod{}.slice",
-                    uid_a.replace('-', "_")
-                ))
-                .join("cri-containerd-a.scope"),
-        ),
-    );
-    let cg_b = Cgroup::existing(
-        tree.mkdirs(
-            &root,
-            &Path::new("kubepods/burstable")
-                .join(format!("pod{uid_b}"))
-                .join("ctr-b"),
-        ),
-    );
-    let mut pod_a = ChildGuard(
-        command_in(&topo_a.pod, Some(&cg_a), "sleep", &["600"])
-            .spawn()
-            .expect("starting pod a"),
-    );
-    let _pod_b = ChildGuard(
-        command_in(&topo_b.pod, Some(&cg_b), "sleep", &["600"])
-            .spawn()
-            .expect("starting pod b"),
-    );
+    let cg_a = cgroups.systemd(&uid_a, "besteffort", "cri-containerd-a");
+    let cg_b = cgroups.cgroupfs(&uid_b, "burstable", "ctr-b");
+    let mut pod_a = pod_process(net_a.netns(), &cg_a);
+    let _pod_b = pod_process(net_b.netns(), &cg_b);
     let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n[[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\n",
-            pki.file("robin-ca.crt"),
-            pki.file("robin-ca.key"),
-            pki.file("upstream-ca.crt"),
-        ),
-    )
-    .unwrap();
+    write_node_config(&config, &pki, &default_rule_set());
     let api = FakeApi::start();
     api.open();
     let inject =
@@ -454,13 +315,13 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     let pins = BpfPins::new();
     let admin = free_port();
     let (log1, log2) = (dir.path().join("agent1.log"), dir.path().join("agent2.log"));
-    let mut agent = start_agent(&api, &config, &root, admin, &pins, &log1);
+    let mut agent = start_agent(&api, &config, &cgroups, &pins, admin, "info", &log1);
     for uid in [&uid_a, &uid_b] {
         wait_for("pods captured", || {
             pod_state(admin, uid).filter(|p| p["state"] == "captured" && p["adopted"] == false)
         });
     }
-    let seen = curl(&topo_a.pod, &cg_a, "/before");
+    let seen = curl(net_a.netns(), &cg_a, "/before");
     assert_eq!(seen["authorization"], json!([format!("Bearer {tok}")]));
     let (id_a, id_b) = (pod_cgroup_id(&cg_a), pod_cgroup_id(&cg_b));
     let mut both = vec![id_a, id_b];
@@ -473,9 +334,9 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
 
     // SIGTERM (a rolling upgrade) with a stream in flight: the stream completes, then the
     // agent exits; the pinned capture stays.
-    let before = served(&log_a);
+    let before = served(&net_a.log);
     let stream = command_in(
-        &topo_a.pod,
+        net_a.netns(),
         Some(&cg_a),
         "curl",
         &[
@@ -491,7 +352,7 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     .spawn()
     .expect("starting curl");
     wait_for("the stream to reach the upstream", || {
-        (served(&log_a) > before).then_some(())
+        (served(&net_a.log) > before).then_some(())
     });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.0.id() as i32),
@@ -514,12 +375,12 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
         "the agent is still answering"
     );
     assert_eq!(pins.attached_cgroups(), both, "pins outlive the agent");
-    assert_refused(&topo_a, &cg_a, &log_a);
+    assert_refused(&net_a, &cg_a);
 
     // Pod b goes away while no agent runs.
     api.delete(&uid_b);
 
-    agent = start_agent(&api, &config, &root, admin, &pins, &log2);
+    agent = start_agent(&api, &config, &cgroups, &pins, admin, "info", &log2);
     let view = wait_for("pod a re-captured", || {
         pod_state(admin, &uid_a).filter(|p| p["state"] == "captured")
     });
@@ -527,10 +388,10 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     wait_for("pod b's pins released", || {
         (pins.attached_cgroups() == vec![id_a]).then_some(())
     });
-    let seen = curl(&topo_a.pod, &cg_a, "/after");
+    let seen = curl(net_a.netns(), &cg_a, "/after");
     assert_eq!(seen["authorization"], json!([format!("Bearer {tok}")]));
     // Pod b's connects go direct again.
-    let seen = curl(&topo_b.pod, &cg_b, "/b-after");
+    let seen = curl(net_b.netns(), &cg_b, "/b-after");
     assert_eq!(seen["authorization"], json!([]), "pod b still captured");
     // The pod itself was never touched.
     assert!(
@@ -542,11 +403,11 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     agent.0.kill().unwrap();
     agent.0.wait().unwrap();
     assert_eq!(pins.attached_cgroups(), vec![id_a]);
-    assert_refused(&topo_a, &cg_a, &log_a);
+    assert_refused(&net_a, &cg_a);
 
     // Uninstall is removing the pins: capture goes, the pod's connects go direct.
     std::fs::remove_dir_all(pins.path()).unwrap();
-    let seen = curl(&topo_a.pod, &cg_a, "/uninstalled");
+    let seen = curl(net_a.netns(), &cg_a, "/uninstalled");
     assert_eq!(
         seen["authorization"],
         json!([]),

@@ -3,19 +3,13 @@
 //! ServiceAccount (`default` when the pod names none), bound to it by name and uid — requested
 //! with the agent's own credential. Pods are network namespaces plus kubelet-laid-out cgroups,
 //! as in `node.rs`.
-use std::{
-    net::IpAddr,
-    path::Path,
-    process::{Command, Stdio},
-};
-
 use robin_e2e::{
-    Cgroup, ChildGuard, Pki, TempDir, Topology, command_in, find_cgroup2_mount,
+    BpfPins, Pki, TempDir,
     node_fixture::{
-        CgroupTree, FakeApi, HOST, MintedToken, NODE, admin_get, curl, debug_pods, free_port,
-        pod_json, pod_state, pod_uid, start_upstream, wait_for,
+        FakeApi, HOST, KubeletCgroups, MintedToken, PodNet, admin_get, curl, debug_pods, free_port,
+        pod_json, pod_process, pod_state, pod_uid, start_agent, wait_for, write_node_config,
     },
-    pod_etc, require_privileges, robin_bin, unique_id,
+    require_privileges,
 };
 use serde_json::{Value, json};
 
@@ -43,21 +37,10 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
     require_privileges();
     let dir = TempDir::new("node-ident");
     let pki = Pki::new(dir.path(), &[HOST]);
-    let topo_a = Topology::new(0);
-    let topo_b = Topology::new(0);
-    let cas = [pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")];
-    pod_etc(
-        &topo_a.pod,
-        &[(HOST, IpAddr::from(topo_a.upstream_ip4))],
-        &cas,
+    let (net_a, net_b) = (
+        PodNet::new(&pki, dir.path().join("up-a.log")),
+        PodNet::new(&pki, dir.path().join("up-b.log")),
     );
-    pod_etc(
-        &topo_b.pod,
-        &[(HOST, IpAddr::from(topo_b.upstream_ip4))],
-        &cas,
-    );
-    let _up_a = start_upstream(&topo_a, &pki, &dir.path().join("up-a.log"));
-    let _up_b = start_upstream(&topo_b, &pki, &dir.path().join("up-b.log"));
 
     // The agent's own credential for the API server (what its mounted token would be).
     let agent_credential = "agent-credential.robin-node.sa";
@@ -66,56 +49,15 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
 
     // A with the systemd cgroup driver, B with cgroupfs; no token files in either: the
     // token_request rule needs none.
-    let parent = find_cgroup2_mount().unwrap().join("robin-test");
-    std::fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
-    let root = parent.join(format!("node{}", unique_id()));
-    let mut tree = CgroupTree(vec![
-        Cgroup::create(root.clone()).expect("creating cgroup root"),
-    ]);
+    let mut cgroups = KubeletCgroups::new();
     let (uid_a, uid_b, uid_c) = (pod_uid(), pod_uid(), pod_uid());
-    let cg_a = Cgroup::existing(
-        tree.mkdirs(
-            &root,
-            &Path::new("kubepods.slice/kubepods-besteffort.slice")
-                .join(format!(
-                    "kubepods-besteffort-pod{}.slice",
-                    uid_a.replace('-', "_")
-                ))
-                .join("cri-containerd-a.scope"),
-        ),
-    );
-    let cg_b = Cgroup::existing(
-        tree.mkdirs(
-            &root,
-            &Path::new("kubepods/burstable")
-                .join(format!("pod{uid_b}"))
-                .join("ctr-b"),
-        ),
-    );
+    let cg_a = cgroups.systemd(&uid_a, "besteffort", "cri-containerd-a");
+    let cg_b = cgroups.cgroupfs(&uid_b, "burstable", "ctr-b");
     // C shares A's network namespace; its rule set names another ServiceAccount.
-    let cg_c = Cgroup::existing(
-        tree.mkdirs(
-            &root,
-            &Path::new("kubepods")
-                .join(format!("pod{uid_c}"))
-                .join("ctr-c"),
-        ),
-    );
-    let _pc = ChildGuard(
-        command_in(&topo_a.pod, Some(&cg_c), "sleep", &["600"])
-            .spawn()
-            .expect("starting pod c"),
-    );
-    let _pa = ChildGuard(
-        command_in(&topo_a.pod, Some(&cg_a), "sleep", &["600"])
-            .spawn()
-            .expect("starting pod a"),
-    );
-    let _pb = ChildGuard(
-        command_in(&topo_b.pod, Some(&cg_b), "sleep", &["600"])
-            .spawn()
-            .expect("starting pod b"),
-    );
+    let cg_c = cgroups.cgroupfs(&uid_c, "", "ctr-c");
+    let _pa = pod_process(net_a.netns(), &cg_a);
+    let _pb = pod_process(net_b.netns(), &cg_b);
+    let _pc = pod_process(net_a.netns(), &cg_c);
 
     let api = FakeApi::start();
     let source = |audience: &str, extra: &str| {
@@ -127,22 +69,18 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
         )
     };
     let config = dir.path().join("node.toml");
-    std::fs::write(
+    write_node_config(
         &config,
-        format!(
-            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n\
-             [[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n\n\
+        &pki,
+        &format!(
+            "[[rule_sets.default.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n\n\
              [[rule_sets.other.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n\n\
              [[rule_sets.pinned.inject]]\nhosts = [\"{HOST}\"]\nsource = {}\n",
-            pki.file("robin-ca.crt"),
-            pki.file("robin-ca.key"),
-            pki.file("upstream-ca.crt"),
             source("api.test", ""),
             source("other.test", ""),
             source("api.test", ", service_account = \"admin\""),
         ),
-    )
-    .unwrap();
+    );
 
     // Different namespaces; A names its ServiceAccount, B names none (Kubernetes: `default`).
     let pod_a = |rules: &str| {
@@ -182,21 +120,9 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
 
     let admin = free_port();
     let agent_log = dir.path().join("agent.log");
-    let _agent = ChildGuard(
-        Command::new(robin_bin())
-            .args(["node", "--node-name", NODE, "--kube-api", &api.url()])
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup-root")
-            .arg(&root)
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            // As verbose as Robin gets: no level may carry a token.
-            .env("ROBIN_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log).unwrap())
-            .spawn()
-            .expect("starting robin node"),
-    );
+    let pins = BpfPins::new();
+    // As verbose as Robin gets: no level may carry a token.
+    let _agent = start_agent(&api, &config, &cgroups, &pins, admin, "debug", &agent_log);
     let agent_logs = || std::fs::read_to_string(&agent_log).unwrap_or_default();
     wait_for("/readyz 200", || {
         admin_get(admin, "/readyz").filter(|(s, _)| *s == 200)
@@ -221,13 +147,13 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
         "{c}"
     );
     assert_eq!(
-        curl(&topo_a.pod, &cg_c, "/c")["authorization"],
+        curl(net_a.netns(), &cg_c, "/c")["authorization"],
         json!([]),
         "pod c must not be captured"
     );
 
-    let tok_a = bearer(&curl(&topo_a.pod, &cg_a, "/a"));
-    let tok_b = bearer(&curl(&topo_b.pod, &cg_b, "/b"));
+    let tok_a = bearer(&curl(net_a.netns(), &cg_a, "/a"));
+    let tok_b = bearer(&curl(net_b.netns(), &cg_b, "/b"));
     assert_ne!(tok_a, tok_b, "two pods got the same token");
     let minted = api.token_requests();
     assert_eq!(minted.len(), 2, "one TokenRequest per pod: {minted:?}");
@@ -258,7 +184,7 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
     }
 
     // Pod A again: its token comes from the agent's cache, no new TokenRequest.
-    assert_eq!(bearer(&curl(&topo_a.pod, &cg_a, "/a-again")), tok_a);
+    assert_eq!(bearer(&curl(net_a.netns(), &cg_a, "/a-again")), tok_a);
     assert_eq!(api.token_requests().len(), 2);
 
     // Another rule set: the pod's swapped proxy still acts for the pod.
@@ -266,7 +192,7 @@ fn node_agent_requests_a_bound_token_for_each_pod() {
     wait_for("rule set switched", || {
         pod_state(admin, &uid_a).filter(|p| p["rule_set"] == "other")
     });
-    let tok_a2 = bearer(&curl(&topo_a.pod, &cg_a, "/a-other"));
+    let tok_a2 = bearer(&curl(net_a.netns(), &cg_a, "/a-other"));
     let minted = api.token_requests();
     assert_eq!(minted.len(), 3, "{minted:?}");
     let m = minted_for(&minted, &tok_a2);
