@@ -489,22 +489,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn b64url_matches_rfc4648_without_padding() {
-        for (raw, enc) in [
-            (&b""[..], ""),
-            (b"M", "TQ"),
-            (b"Ma", "TWE"),
-            (b"Man", "TWFu"),
-            (b"\xfb\xff", "-_8"),
-        ] {
-            assert_eq!(super::b64url(raw), enc);
-        }
-    }
-}
-
 /// A pod's network: its own namespace joined by veth to an upstream namespace that runs
 /// `upstream.py` (HTTPS on 443, echoing what it received, logging to `log`); the pod's `/etc`
 /// resolves [`HOST`] to it and trusts Robin's and the upstream's CA.
@@ -646,4 +630,20 @@ pub fn pod_cgroup_id(container: &Cgroup) -> u64 {
     Cgroup::existing(container.path().parent().expect("a container has a pod"))
         .id()
         .expect("reading the pod cgroup id")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn b64url_matches_rfc4648_without_padding() {
+        for (raw, enc) in [
+            (&b""[..], ""),
+            (b"M", "TQ"),
+            (b"Ma", "TWE"),
+            (b"Man", "TWFu"),
+            (b"\xfb\xff", "-_8"),
+        ] {
+            assert_eq!(super::b64url(raw), enc);
+        }
+    }
 }
