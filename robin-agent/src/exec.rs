@@ -29,7 +29,7 @@ pub struct ExecArgs {
 /// Tokio's blocking pool serves only rare work here (token fetches reading a credential file,
 /// start-up); the default cap of 512 let a per-request file read grow it to dozens of threads
 /// contending on its queue, each with its own stack and malloc arena.
-const MAX_BLOCKING_THREADS: usize = 8;
+pub const MAX_BLOCKING_THREADS: usize = 8;
 
 /// Parent cgroup for transient ones; created if missing.
 const EXEC_CGROUP_PARENT: &str = "robin.exec";

@@ -331,6 +331,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
     capture::check_capabilities(true).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(crate::exec::MAX_BLOCKING_THREADS)
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(run(args, cfg))
