@@ -16,12 +16,12 @@ use http::{
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{
     ProxyStats, Rule,
     inject::{set_credential, strip_hop_by_hop, wants_upgrade},
-    upstream::{Proto, Upstream},
+    upstream::{Proto, SendError, Upstream, UpstreamError},
 };
 use crate::{config::normalize_host, identity::IdentityError};
 
@@ -126,39 +126,62 @@ async fn forward(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let checkout = match ctx.upstream.checkout().await {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "upstream unavailable, answering 502");
-            return text(StatusCode::BAD_GATEWAY, "robin: upstream unavailable\n");
-        }
+    let unavailable = |e: UpstreamError| {
+        ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, "upstream unavailable, answering 502");
+        text(StatusCode::BAD_GATEWAY, "robin: upstream unavailable\n")
     };
-    if upgrade && checkout.proto() == Proto::H2 {
-        return text(
-            StatusCode::BAD_GATEWAY,
-            "robin: upstream cannot upgrade over h2\n",
-        );
-    }
-    if let Err(resp) = fit_to(&mut req, checkout.proto(), &ctx.scheme, authority) {
-        return *resp;
-    }
-
-    let mut resp = match ctx.upstream.send(checkout, req).await {
-        Ok(r) => r,
-        Err(e) if e.is_request_body() => {
-            // The workload's own body was malformed (e.g. bad chunking): its fault, and the
-            // connection's framing is lost, so close it.
-            warn!(error = %e, "request body failed, answering 400");
-            let mut r = text(StatusCode::BAD_REQUEST, "robin: malformed request body\n");
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            return r;
+    let mut checkout = match ctx.upstream.checkout().await {
+        Ok(c) => c,
+        Err(e) => return unavailable(e),
+    };
+    let mut redialled = false;
+    let mut resp = loop {
+        if upgrade && checkout.proto() == Proto::H2 {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "robin: upstream cannot upgrade over h2\n",
+            );
         }
-        Err(e) => {
-            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "upstream request failed, answering 502");
-            return text(StatusCode::BAD_GATEWAY, "robin: upstream request failed\n");
+        if let Err(resp) = fit_to(&mut req, checkout.proto(), &ctx.scheme, authority.clone()) {
+            return *resp;
+        }
+        match ctx.upstream.send(checkout, req).await {
+            Ok(r) => break r,
+            // A pooled connection found closed before any byte of the request was written
+            // (see `Upstream::send`): one fresh dial, never a second pooled connection. A fresh
+            // connection never hands a request back, so this happens at most once.
+            Err(SendError::Unsent(r)) if !redialled => {
+                ctx.stats.upstream_retries.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    "pooled upstream connection closed before the request was written, dialling once"
+                );
+                redialled = true;
+                req = *r;
+                checkout = match ctx.upstream.dial().await {
+                    Ok(c) => c,
+                    Err(e) => return unavailable(e),
+                };
+            }
+            Err(SendError::Unsent(_)) => {
+                ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("upstream connection closed before the request was written, answering 502");
+                return text(StatusCode::BAD_GATEWAY, "robin: upstream request failed\n");
+            }
+            Err(SendError::Failed(e)) if e.is_request_body() => {
+                // The workload's own body was malformed (e.g. bad chunking): its fault, and the
+                // connection's framing is lost, so close it.
+                warn!(error = %e, "request body failed, answering 400");
+                let mut r = text(StatusCode::BAD_REQUEST, "robin: malformed request body\n");
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            Err(SendError::Failed(e)) => {
+                ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "upstream request failed, answering 502");
+                return text(StatusCode::BAD_GATEWAY, "robin: upstream request failed\n");
+            }
         }
     };
 

@@ -1,21 +1,31 @@
 //! The upstream side of an intercepted connection: dial the original destination IP (never
-//! re-resolve), verify its certificate for the workload's SNI, and keep the resulting HTTP
-//! connection for the downstream connection's lifetime.
+//! re-resolve), verify its certificate for the workload's SNI, and reuse the resulting HTTP
+//! connections across the proxy's downstream connections.
+//!
+//! The [`Pool`] is per proxy, and a proxy serves one identity context (one `robin exec`, one pod
+//! in node mode). Connections are keyed by everything that decides where a token may go: the
+//! original destination address, the verified server name (or none, for plain HTTP) and the
+//! ALPN offered. A pooled connection is therefore only ever handed to a request for the very
+//! destination and name it was dialled and verified for. HTTP/1 connections return to the pool
+//! once their response is complete; an h2 connection is shared by every request of its key.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, Weak, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use hyper::{Request, Response, body::Incoming, client::conn};
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::{self, TrySendError},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::{
-    net::{TcpSocket, TcpStream},
-    sync::Mutex,
-};
+use tokio::net::{TcpSocket, TcpStream};
 use tracing::{Instrument, debug};
 
+use super::ProxyStats;
 use crate::{
     capture::{NetNs, OrigDst},
     tls::{UpstreamTls, upstream::Alpn},
@@ -87,16 +97,26 @@ pub enum Proto {
     H2,
 }
 
-/// How to reach the upstream of one downstream connection.
-#[derive(Clone, Debug)]
+/// How to reach the upstream of one downstream connection; also the pool key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub dst: OrigDst,
-    /// `Some(sni)` for TLS upstreams.
+    /// `Some(sni)` for TLS upstreams: the name the certificate is verified for.
     pub tls_name: Option<String>,
     /// What the workload negotiated with us; decides the ALPN offered upstream.
     pub alpn: Alpn,
+}
+
+/// Bounds of the upstream pool.
+#[derive(Clone, Debug)]
+pub struct PoolLimits {
+    /// Idle HTTP/1 connections kept per key; more are closed when their response completes.
+    pub idle_per_key: usize,
+    /// Idle HTTP/1 connections kept over all keys.
+    pub idle_total: usize,
+    /// An idle HTTP/1 connection, or an h2 connection nobody checked out, is closed after this.
+    pub idle_timeout: Duration,
     pub connect_timeout: Duration,
-    pub dialer: Dialer,
 }
 
 enum Sender {
@@ -104,26 +124,284 @@ enum Sender {
     H2(conn::http2::SendRequest<Incoming>),
 }
 
-#[derive(Default)]
-struct Pool {
-    h2: Option<conn::http2::SendRequest<Incoming>>,
-    /// Idle HTTP/1 connections (usually at most one: downstream HTTP/1 is sequential).
-    http1: Vec<conn::http1::SendRequest<Incoming>>,
-    /// When and why the last dial failed.
-    failed: Option<(Instant, String)>,
+struct Idle {
+    sender: conn::http1::SendRequest<Incoming>,
+    since: Instant,
 }
 
-/// One per downstream connection. The lock is held across a dial so concurrent h2 streams
-/// share a single upstream connection instead of racing to open one each.
+/// Serializes dials that may yield a shared h2 connection; holds when and why the last one
+/// failed.
+type DialLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+
+/// What is pooled for one key.
+struct Entry {
+    h2: Option<(conn::http2::SendRequest<Incoming>, Instant)>,
+    /// Most recently returned last: reusing the warmest connection makes it the least likely
+    /// one to have hit the upstream's own idle timeout.
+    idle: Vec<Idle>,
+    /// The last dial got http/1.1: dials no longer wait for a would-be shared h2 connection.
+    http1_only: bool,
+    /// Serializes dials that may yield the shared h2 connection, so concurrent requests make one
+    /// connection instead of racing to open one each; holds when and why the last such dial
+    /// failed, so requests queued behind it share the outcome instead of each waiting out its
+    /// own connect timeout against a dead destination.
+    dial: DialLock,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            h2: None,
+            idle: Vec::new(),
+            http1_only: false,
+            dial: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<Target, Entry>,
+    idle_total: usize,
+    sweeper: bool,
+}
+
+/// The proxy's upstream connections. Its lock is never held across an `.await`.
+pub struct Pool {
+    limits: PoolLimits,
+    tls: UpstreamTls,
+    dialer: Dialer,
+    stats: Arc<ProxyStats>,
+    state: Mutex<State>,
+}
+
+impl Pool {
+    pub fn new(
+        limits: PoolLimits,
+        tls: UpstreamTls,
+        dialer: Dialer,
+        stats: Arc<ProxyStats>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            tls,
+            dialer,
+            stats,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; every update leaves the map whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pooled connection for `key` that hyper reports ready, if any.
+    fn take(&self, key: &Target) -> Option<Sender> {
+        let mut st = self.state();
+        let State {
+            keys, idle_total, ..
+        } = &mut *st;
+        let entry = keys.get_mut(key)?;
+        if let Some((h2, last)) = &mut entry.h2 {
+            if h2.is_ready() {
+                *last = Instant::now();
+                return Some(Sender::H2(h2.clone()));
+            }
+            entry.h2 = None;
+        }
+        while let Some(idle) = entry.idle.pop() {
+            *idle_total -= 1;
+            if idle.since.elapsed() < self.limits.idle_timeout && idle.sender.is_ready() {
+                return Some(Sender::Http1(idle.sender));
+            }
+            // Dropping the sender closes the connection; nothing is in flight on it.
+        }
+        None
+    }
+
+    /// The dial lock when a dial for `key` may yield the shared h2 connection.
+    fn dial_lock(&self, key: &Target) -> Option<DialLock> {
+        if key.alpn != Alpn::H2 {
+            return None;
+        }
+        let mut st = self.state();
+        let entry = st.keys.entry(key.clone()).or_insert_with(Entry::new);
+        (!entry.http1_only).then(|| entry.dial.clone())
+    }
+
+    /// Records what a dial for `key` negotiated; an h2 connection becomes the shared one.
+    fn dialled(&self, key: &Target, sender: &Sender) {
+        let mut st = self.state();
+        let entry = st.keys.entry(key.clone()).or_insert_with(Entry::new);
+        match sender {
+            Sender::H2(h2) => {
+                entry.http1_only = false;
+                if entry.h2.as_ref().is_none_or(|(old, _)| !old.is_ready()) {
+                    entry.h2 = Some((h2.clone(), Instant::now()));
+                }
+            }
+            Sender::Http1(_) => entry.http1_only = key.alpn == Alpn::H2,
+        }
+    }
+
+    /// Returns an HTTP/1 connection once its response is complete (hyper reports it ready
+    /// again only then); a connection that closes instead, or finds the pool full, is dropped.
+    fn release(self: &Arc<Self>, key: Target, mut sender: conn::http1::SendRequest<Incoming>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.put(key, sender);
+            }
+        });
+    }
+
+    fn put(self: &Arc<Self>, key: Target, sender: conn::http1::SendRequest<Incoming>) {
+        let mut st = self.state();
+        if st.idle_total >= self.limits.idle_total {
+            return;
+        }
+        let entry = st.keys.entry(key).or_insert_with(Entry::new);
+        if entry.idle.len() >= self.limits.idle_per_key {
+            return;
+        }
+        entry.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        st.idle_total += 1;
+        if !st.sweeper {
+            st.sweeper = true;
+            tokio::spawn(sweep(Arc::downgrade(self), self.limits.idle_timeout));
+        }
+    }
+
+    /// Closes connections idle past the timeout (or already closed) and forgets empty keys.
+    fn sweep(&self) {
+        let timeout = self.limits.idle_timeout;
+        let mut st = self.state();
+        let State {
+            keys, idle_total, ..
+        } = &mut *st;
+        keys.retain(|_, e| {
+            let before = e.idle.len();
+            e.idle
+                .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+            *idle_total -= before - e.idle.len();
+            if e.h2
+                .as_ref()
+                .is_some_and(|(h2, last)| h2.is_closed() || last.elapsed() >= timeout)
+            {
+                e.h2 = None;
+            }
+            // An entry whose dial lock is held (or waited on) is still in use.
+            e.h2.is_some() || !e.idle.is_empty() || Arc::strong_count(&e.dial) > 1
+        });
+    }
+
+    async fn dial(&self, t: &Target) -> Result<Sender, UpstreamError> {
+        let timeout = self.limits.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, self.dialer.connect(t.dst.0))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(t.dst))?
+            .map_err(|e| UpstreamError::Connect(t.dst, e))?;
+        let _ = tcp.set_nodelay(true);
+        let sender = match &t.tls_name {
+            None => http1(t.dst, TokioIo::new(tcp)).await?,
+            Some(name) => {
+                let server_name = ServerName::try_from(name.clone())
+                    .map_err(|_| UpstreamError::ServerName(name.clone()))?;
+                let connector = tokio_rustls::TlsConnector::from(self.tls.config(t.alpn));
+                // The handshake verifies the chain and name; on failure nothing is sent.
+                let tls = tokio::time::timeout(timeout, connector.connect(server_name, tcp))
+                    .await
+                    .map_err(|_| UpstreamError::ConnectTimeout(t.dst))?
+                    .map_err(|e| UpstreamError::Tls(t.dst, e))?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                debug!(
+                    upstream_alpn = if h2 { "h2" } else { "http/1.1" },
+                    "upstream tls established"
+                );
+                if h2 {
+                    h2_handshake(t.dst, TokioIo::new(tls)).await?
+                } else {
+                    http1(t.dst, TokioIo::new(tls)).await?
+                }
+            }
+        };
+        self.stats.upstream_connects.fetch_add(1, Ordering::Relaxed);
+        Ok(sender)
+    }
+}
+
+async fn sweep(pool: Weak<Pool>, timeout: Duration) {
+    let mut tick = tokio::time::interval((timeout / 2).max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        // The proxy is gone: so is the pool.
+        let Some(pool) = pool.upgrade() else { return };
+        pool.sweep();
+    }
+}
+
+async fn http1<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = conn::http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Handshake(dst, e))?;
+    // Not in the dialling request's span: the connection outlives it.
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "upstream http/1 connection ended");
+            }
+        }
+        .instrument(tracing::debug_span!("upstream", %dst)),
+    );
+    Ok(Sender::Http1(sender))
+}
+
+async fn h2_handshake<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Handshake(dst, e))?;
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "upstream h2 connection ended");
+            }
+        }
+        .instrument(tracing::debug_span!("upstream", %dst)),
+    );
+    Ok(Sender::H2(sender))
+}
+
+/// One downstream connection's view of the pool: its key.
 pub struct Upstream {
     target: Target,
-    tls: UpstreamTls,
-    pool: Mutex<Pool>,
+    pool: Arc<Pool>,
 }
 
 /// A connection checked out for one request.
 pub struct Checkout {
     sender: Sender,
+    /// Taken from the pool rather than dialled for this request.
+    reused: bool,
 }
 
 impl Checkout {
@@ -135,145 +413,208 @@ impl Checkout {
     }
 }
 
+/// Why [`Upstream::send`] failed.
+pub enum SendError {
+    /// The request went out on a pooled connection that turned out closed before hyper wrote
+    /// any byte of it; it is handed back untouched (see [`Upstream::send`]).
+    Unsent(Box<Request<Incoming>>),
+    Failed(UpstreamError),
+}
+
 impl Upstream {
-    pub fn new(target: Target, tls: UpstreamTls) -> Self {
-        Self {
-            target,
-            tls,
-            pool: Mutex::new(Pool::default()),
-        }
+    pub fn new(target: Target, pool: Arc<Pool>) -> Self {
+        Self { target, pool }
     }
 
-    /// A ready connection: a pooled one if alive, else exactly one dial.
+    /// A ready connection: a pooled one if hyper reports one ready, else exactly one dial.
     pub async fn checkout(&self) -> Result<Checkout, UpstreamError> {
         let asked = Instant::now();
-        let mut pool = self.pool.lock().await;
-        // Requests queued behind a dial that failed share its outcome instead of each waiting
-        // out its own connect timeout against a dead destination.
-        if let Some((at, why)) = &pool.failed
+        if let Some(sender) = self.pool.take(&self.target) {
+            self.pool
+                .stats
+                .upstream_reused
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Checkout {
+                sender,
+                reused: true,
+            });
+        }
+        let Some(lock) = self.pool.dial_lock(&self.target) else {
+            return self.dial().await;
+        };
+        let mut failed = lock.lock().await;
+        if let Some((at, why)) = &*failed
             && *at >= asked
         {
             return Err(UpstreamError::Shared(why.clone()));
         }
-        if let Some(h2) = &pool.h2 {
-            if !h2.is_closed() {
-                return Ok(Checkout {
-                    sender: Sender::H2(h2.clone()),
-                });
-            }
-            pool.h2 = None;
+        // The dial we waited for may have made the shared h2 connection.
+        if let Some(sender) = self.pool.take(&self.target) {
+            self.pool
+                .stats
+                .upstream_reused
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Checkout {
+                sender,
+                reused: true,
+            });
         }
-        // Bounded by the pool size; dead connections are dropped, nothing was sent on them.
-        while let Some(mut s) = pool.http1.pop() {
-            if s.ready().await.is_ok() {
-                return Ok(Checkout {
-                    sender: Sender::Http1(s),
-                });
-            }
+        let res = self.dial().await;
+        if let Err(e) = &res {
+            *failed = Some((Instant::now(), e.to_string()));
         }
-        let sender = match self.dial().await {
-            Ok(s) => s,
-            Err(e) => {
-                pool.failed = Some((Instant::now(), e.to_string()));
-                return Err(e);
-            }
-        };
-        if let Sender::H2(h2) = &sender {
-            pool.h2 = Some(h2.clone());
-        }
-        Ok(Checkout { sender })
+        res
     }
 
-    /// Sends on a checked-out connection; an HTTP/1 connection goes back to the pool unless
-    /// the response upgraded it.
+    /// Exactly one dial, for a request whose pooled connection was closed before it was sent.
+    pub async fn dial(&self) -> Result<Checkout, UpstreamError> {
+        let sender = self.pool.dial(&self.target).await?;
+        self.pool.dialled(&self.target, &sender);
+        Ok(Checkout {
+            sender,
+            reused: false,
+        })
+    }
+
+    /// Sends on a checked-out connection; an HTTP/1 connection goes back to the pool after a
+    /// complete response unless the response upgraded it.
+    ///
+    /// The one retry rule: when the connection came from the pool and hyper hands the request
+    /// back (`TrySendError::take_message`), hyper guarantees it never started writing it (the
+    /// connection was found closed first: an idle connection the upstream closed just before we
+    /// used it). Only then is the request returned as [`SendError::Unsent`], and the caller may
+    /// send it once more on a fresh dial ([`Upstream::dial`], never the pool). Every other
+    /// failure, including a connection that closes after the request was written, is final:
+    /// the upstream may have acted on it, so it is never sent twice.
     pub async fn send(
         &self,
         checkout: Checkout,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, SendError> {
+        let reused = checkout.reused;
+        let unsent = |mut e: TrySendError<Request<Incoming>>| match e.take_message() {
+            Some(req) if reused => SendError::Unsent(Box::new(req)),
+            _ => SendError::Failed(UpstreamError::Send(e.into_error())),
+        };
         match checkout.sender {
-            Sender::H2(mut s) => s.send_request(req).await.map_err(UpstreamError::Send),
+            Sender::H2(mut s) => s.try_send_request(req).await.map_err(unsent),
             Sender::Http1(mut s) => {
-                let resp = s.send_request(req).await.map_err(UpstreamError::Send)?;
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS && !s.is_closed() {
-                    self.pool.lock().await.http1.push(s);
+                let resp = s.try_send_request(req).await.map_err(unsent)?;
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    self.pool.release(self.target.clone(), s);
                 }
                 Ok(resp)
             }
         }
     }
+}
 
-    async fn dial(&self) -> Result<Sender, UpstreamError> {
-        let t = &self.target;
-        let tcp = tokio::time::timeout(t.connect_timeout, t.dialer.connect(t.dst.0))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(t.dst))?
-            .map_err(|e| UpstreamError::Connect(t.dst, e))?;
-        let _ = tcp.set_nodelay(true);
-        match &t.tls_name {
-            None => self.http1(TokioIo::new(tcp)).await,
-            Some(name) => {
-                let server_name = ServerName::try_from(name.clone())
-                    .map_err(|_| UpstreamError::ServerName(name.clone()))?;
-                let connector = tokio_rustls::TlsConnector::from(self.tls.config(t.alpn));
-                // The handshake verifies the chain and name; on failure nothing is sent.
-                let tls =
-                    tokio::time::timeout(t.connect_timeout, connector.connect(server_name, tcp))
-                        .await
-                        .map_err(|_| UpstreamError::ConnectTimeout(t.dst))?
-                        .map_err(|e| UpstreamError::Tls(t.dst, e))?;
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                debug!(
-                    upstream_alpn = if h2 { "h2" } else { "http/1.1" },
-                    "upstream tls established"
-                );
-                if h2 {
-                    self.h2(TokioIo::new(tls)).await
-                } else {
-                    self.http1(TokioIo::new(tls)).await
-                }
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(limits: PoolLimits) -> Arc<Pool> {
+        let tls =
+            UpstreamTls::from_pem_roots(crate::tls::tests::test_ca("Pool Test CA").0.as_bytes())
+                .unwrap();
+        Pool::new(limits, tls, Dialer::Host, Arc::default())
+    }
+
+    fn limits() -> PoolLimits {
+        PoolLimits {
+            idle_per_key: 2,
+            idle_total: 3,
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 
-    async fn http1<T>(&self, io: TokioIo<T>) -> Result<Sender, UpstreamError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = conn::http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Handshake(self.target.dst, e))?;
-        tokio::spawn(
-            async move {
-                if let Err(e) = connection.with_upgrades().await {
-                    debug!(error = %e, "upstream http/1 connection ended");
-                }
-            }
-            .in_current_span(),
-        );
-        Ok(Sender::Http1(sender))
+    fn target(port: u16, name: Option<&str>) -> Target {
+        Target {
+            dst: OrigDst(SocketAddr::from(([127, 0, 0, 1], port))),
+            tls_name: name.map(str::to_owned),
+            alpn: Alpn::Http1,
+        }
     }
 
-    async fn h2<T>(&self, io: TokioIo<T>) -> Result<Sender, UpstreamError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Handshake(self.target.dst, e))?;
-        tokio::spawn(
-            async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "upstream h2 connection ended");
-                }
+    /// A plain HTTP/1 server that answers every request with 200 and keeps connections open.
+    async fn server() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let a = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(tcp),
+                    hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    }),
+                ));
             }
-            .in_current_span(),
-        );
-        Ok(Sender::H2(sender))
+        });
+        (addr, accepts)
+    }
+
+    async fn dial(pool: &Arc<Pool>, t: &Target) -> conn::http1::SendRequest<Incoming> {
+        match pool.dial(t).await.unwrap() {
+            Sender::Http1(s) => s,
+            Sender::H2(_) => unreachable!("plain upstream"),
+        }
+    }
+
+    fn idle(pool: &Pool, t: &Target) -> usize {
+        pool.state().keys.get(t).map_or(0, |e| e.idle.len())
+    }
+
+    #[tokio::test]
+    async fn keys_are_separate_and_bounded() {
+        let (addr, _) = server().await;
+        let p = pool(limits());
+        let a = target(addr.port(), None);
+        // Same address, but a different verified name: never shares a connection with `a`.
+        let b = target(addr.port(), Some("other.test"));
+        for _ in 0..3 {
+            let s = dial(&p, &a).await;
+            p.put(a.clone(), s);
+        }
+        assert_eq!(idle(&p, &a), 2, "per-key cap");
+        assert!(p.take(&b).is_none());
+        let s = dial(&p, &a).await;
+        p.put(b.clone(), s);
+        assert_eq!(p.state().idle_total, 3);
+        let s = dial(&p, &a).await;
+        p.put(b.clone(), s);
+        assert_eq!(idle(&p, &b), 1, "total cap");
+        assert!(matches!(p.take(&b), Some(Sender::Http1(_))));
+        assert_eq!(p.state().idle_total, 2);
+    }
+
+    #[tokio::test]
+    async fn closed_and_expired_connections_are_not_handed_out() {
+        let (addr, accepts) = server().await;
+        let p = pool(PoolLimits {
+            idle_timeout: Duration::from_millis(200),
+            ..limits()
+        });
+        let t = target(addr.port(), None);
+        let s = dial(&p, &t).await;
+        p.put(t.clone(), s);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(p.take(&t).is_none(), "expired");
+        assert_eq!(p.state().idle_total, 0);
+
+        let s = dial(&p, &t).await;
+        p.put(t.clone(), s);
+        p.sweep();
+        assert_eq!(idle(&p, &t), 1, "fresh connections survive a sweep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.sweep();
+        assert!(p.state().keys.is_empty(), "empty keys are forgotten");
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
     }
 }

@@ -11,7 +11,7 @@ use rustls::{ClientConfig, RootCertStore};
 use super::TlsError;
 
 /// Which application protocols to offer upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Alpn {
     /// The workload negotiated h2: offer h2, with http/1.1 as a fallback.
     H2,

@@ -205,6 +205,8 @@ pub struct Seen {
     pub bodies_ok: AtomicU64,
     pub body_bytes: AtomicU64,
     pub conns: AtomicU64,
+    /// Connections the upstream has finished serving (closed on its side).
+    pub closed: AtomicU64,
     /// Negotiated cipher suite of each TLS connection.
     pub suites: Mutex<Vec<rustls::CipherSuite>>,
     pub last: Mutex<Vec<(String, HeaderMap)>>,
@@ -235,6 +237,16 @@ pub async fn upstream_tls(ca: &TestCa) -> Upstream {
 
 /// As [`upstream_tls`], offering only `alpn`.
 pub async fn upstream_tls_alpn(ca: &TestCa, alpn: &[&[u8]]) -> Upstream {
+    upstream_tls_with(ca, alpn, None).await
+}
+
+/// An HTTP/1.1-only TLS upstream that closes a keep-alive connection after `idle` without a
+/// request, as servers with a short keep-alive timeout do.
+pub async fn upstream_tls_idle_close(ca: &TestCa, idle: Duration) -> Upstream {
+    upstream_tls_with(ca, &[b"http/1.1"], Some(idle)).await
+}
+
+async fn upstream_tls_with(ca: &TestCa, alpn: &[&[u8]], idle_close: Option<Duration>) -> Upstream {
     let (chain, key) = ca.leaf(&[HOST, WILD_HOST, OTHER_HOST, "127.0.0.1"]);
     let leaf = chain[0].clone();
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -263,7 +275,7 @@ pub async fn upstream_tls_alpn(ca: &TestCa, alpn: &[&[u8]]) -> Upstream {
                 if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
                     s.suites.lock().unwrap().push(suite.suite());
                 }
-                serve_upstream(TokioIo::new(tls), s).await;
+                serve_upstream(TokioIo::new(tls), s, idle_close).await;
             });
         }
     });
@@ -283,7 +295,7 @@ pub async fn upstream_plain() -> Upstream {
         while let Ok((tcp, _)) = listener.accept().await {
             let s = s.clone();
             s.conns.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve_upstream(TokioIo::new(tcp), s));
+            tokio::spawn(serve_upstream(TokioIo::new(tcp), s, None));
         }
     });
     Upstream {
@@ -293,14 +305,22 @@ pub async fn upstream_plain() -> Upstream {
     }
 }
 
-async fn serve_upstream<I>(io: I, seen: Arc<Seen>)
+async fn serve_upstream<I>(io: I, seen: Arc<Seen>, idle_close: Option<Duration>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req| upstream_handler(seen.clone(), req));
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(io, svc)
-        .await;
+    let s = seen.clone();
+    let svc = hyper::service::service_fn(move |req| upstream_handler(s.clone(), req));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Some(idle) = idle_close {
+        // hyper's header read timer also runs while a keep-alive connection waits.
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(idle);
+    }
+    let _ = builder.serve_connection_with_upgrades(io, svc).await;
+    seen.closed.fetch_add(1, Ordering::SeqCst);
 }
 
 fn joined(h: &HeaderMap, name: &str) -> String {

@@ -1,0 +1,163 @@
+//! In-process tests of the upstream pool: upstream connections are reused across downstream
+//! connections, only for the same destination and verified name, and a pooled connection the
+//! upstream closed never costs the next client a 502 or a duplicated request.
+#[path = "proxy_support/harness.rs"]
+mod harness;
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use harness::*;
+use http::{Request, StatusCode};
+
+const H1: &[&[u8]] = &[b"http/1.1"];
+const H2: &[&[u8]] = &[b"h2"];
+
+fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::SeqCst)
+}
+
+/// One request on a fresh TLS client connection, which is closed afterwards.
+async fn one_request(env: &Env, addr: std::net::SocketAddr, sni: &str, alpn: &[&[u8]]) {
+    let tls = within(tls_connect(addr, &env.robin_ca.pem(), sni, alpn))
+        .await
+        .unwrap();
+    let resp = if alpn == H2 {
+        let mut send = within(h2(tls)).await;
+        let req = Request::get(format!("https://{sni}/echo"))
+            .body(ChanBody::empty())
+            .unwrap();
+        within(send.send_request(req)).await.unwrap()
+    } else {
+        let mut send = within(h1(tls)).await;
+        within(send.send_request(get("/echo", sni))).await.unwrap()
+    };
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-auth"), "Bearer tok-1");
+    assert_eq!(body_string(resp).await, "ok");
+}
+
+#[tokio::test]
+async fn sequential_client_connections_share_one_upstream_connection() {
+    for alpn in [H1, H2] {
+        let env = Env::new(if alpn == H1 { "reuse-h1" } else { "reuse-h2" });
+        let up = upstream_tls(&env.upstream_ca).await;
+        let proxy = env.proxy();
+        let addr = front(proxy.clone(), up.addr).await;
+        one_request(&env, addr, HOST, alpn).await;
+        one_request(&env, addr, HOST, alpn).await;
+        assert_eq!(up.requests(), 2);
+        assert_eq!(count(&up.seen.conns), 1, "one upstream accept ({alpn:?})");
+        assert_eq!(count(&proxy.stats().upstream_connects), 1);
+        assert_eq!(count(&proxy.stats().upstream_reused), 1);
+    }
+}
+
+#[tokio::test]
+async fn plain_http_client_connections_share_one_upstream_connection() {
+    let env = Env::new("reuse-plain");
+    let up = upstream_plain().await;
+    let addr = front(env.proxy(), up.addr).await;
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut send = within(h1(tcp)).await;
+        let resp = within(send.send_request(get("/echo", HOST))).await.unwrap();
+        assert_eq!(header(&resp, "x-seen-auth"), "Bearer tok-1");
+        body_string(resp).await;
+    }
+    assert_eq!(up.requests(), 2);
+    assert_eq!(count(&up.seen.conns), 1);
+}
+
+#[tokio::test]
+async fn pooled_connections_are_not_shared_across_server_names() {
+    let env = Env::new("reuse-names");
+    // One address whose certificate covers both names: only the pool key keeps them apart.
+    let up = upstream_tls(&env.upstream_ca).await;
+    let addr = front(env.proxy(), up.addr).await;
+    one_request(&env, addr, HOST, H1).await;
+    one_request(&env, addr, WILD_HOST, H1).await;
+    one_request(&env, addr, HOST, H1).await;
+    assert_eq!(up.requests(), 3);
+    assert_eq!(count(&up.seen.conns), 2);
+    let names: Vec<String> = up
+        .seen
+        .last
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, h)| h.get("host").unwrap().to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, [HOST, WILD_HOST, HOST]);
+}
+
+#[tokio::test]
+async fn upstream_closing_an_idle_pooled_connection_is_neither_502_nor_resent() {
+    let env = Env::new("reuse-closed");
+    let up = upstream_tls_idle_close(&env.upstream_ca, Duration::from_millis(100)).await;
+    let proxy = env.proxy();
+    let addr = front(proxy.clone(), up.addr).await;
+    one_request(&env, addr, HOST, H1).await;
+    // The upstream drops the pooled connection while it sits idle.
+    within(async {
+        while count(&up.seen.closed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    one_request(&env, addr, HOST, H1).await;
+    assert_eq!(
+        up.requests(),
+        2,
+        "each request reached the upstream exactly once"
+    );
+    assert_eq!(count(&up.seen.conns), 2);
+    assert_eq!(count(&proxy.stats().upstream_errors), 0);
+    assert_eq!(proxy.stats().requests_5xx.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn concurrent_clients_each_get_a_connection_and_all_return_to_the_pool() {
+    let env = Env::new("reuse-concurrent");
+    let up = upstream_tls_alpn(&env.upstream_ca, H1).await;
+    let proxy = env.proxy();
+    let addr = front(proxy.clone(), up.addr).await;
+    let env = std::sync::Arc::new(env);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let env = env.clone();
+        set.spawn(async move {
+            let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H1))
+                .await
+                .unwrap();
+            let mut send = within(h1(tls)).await;
+            // The SSE response stays open until released: four requests in flight at once.
+            let resp = within(send.send_request(get("/sse", HOST))).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(r) = within(set.join_next()).await {
+        open.push(r.unwrap());
+    }
+    assert_eq!(
+        count(&up.seen.conns),
+        4,
+        "a busy connection is never shared"
+    );
+    for _ in 0..4 {
+        up.seen.release.notify_one();
+    }
+    for resp in open {
+        body_string(resp).await;
+    }
+    // All four went back to the pool: four more clients dial nothing.
+    for _ in 0..4 {
+        one_request(&env, addr, HOST, H1).await;
+    }
+    assert_eq!(count(&up.seen.conns), 4);
+    assert_eq!(up.requests(), 8);
+}
