@@ -64,6 +64,7 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
     let cgroup = Cgroup::create(parent.join(format!("exec-{}", std::process::id())))?;
     let settings = CaptureSettings::new(cfg.capture.ports.clone(), listener.ports().port);
     let attachment = capturer.attach(&cgroup, &settings)?;
+    release_startup_heap();
     tracing::info!(
         cgroup = %cgroup.path().display(),
         listener_port = settings.listener_port,
@@ -83,6 +84,17 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
     drop(cgroup);
     drop(cgroup2);
     Ok(exit_code(status))
+}
+
+/// Hands the heap freed during start-up back to the kernel. Loading the eBPF programs parses the
+/// kernel's BTF twice (~19 MiB of short-lived allocations); glibc keeps such memory mapped
+/// unless asked, which made up ~15 of the ~25 MiB RSS of an idle `robin exec`.
+fn release_startup_heap() {
+    // SAFETY: malloc_trim only returns free pages to the kernel; no allocation is touched.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Longest wait, once CMD has exited, for its connections to finish (and be logged).
