@@ -161,3 +161,40 @@ async fn concurrent_clients_each_get_a_connection_and_all_return_to_the_pool() {
     assert_eq!(count(&up.seen.conns), 4);
     assert_eq!(up.requests(), 8);
 }
+
+#[tokio::test]
+async fn h2_streams_past_the_per_connection_cap_open_another_connection() {
+    use http_body_util::BodyExt;
+    let env = Env::new("reuse-h2-cap");
+    let up = upstream_tls(&env.upstream_ca).await;
+    let addr = front(env.proxy(), up.addr).await;
+    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))
+        .await
+        .unwrap();
+    let send = within(h2(tls)).await;
+    let mut set = tokio::task::JoinSet::new();
+    // 120 streams held open at once (each SSE response waits after its first event).
+    for _ in 0..120 {
+        let mut send = send.clone();
+        set.spawn(async move {
+            let req = Request::get(format!("https://{HOST}/sse"))
+                .body(ChanBody::empty())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut body = resp.into_body();
+            body.frame().await.unwrap().unwrap();
+            body
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(r) = within(set.join_next()).await {
+        open.push(r.unwrap());
+    }
+    assert_eq!(up.requests(), 120);
+    assert_eq!(
+        count(&up.seen.conns),
+        2,
+        "100 streams on the first connection, the rest on a second"
+    );
+}

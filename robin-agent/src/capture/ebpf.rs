@@ -386,6 +386,7 @@ impl Capturer {
         let config = take_hash_map(&mut ebpf, names::CAPTURE_CONFIG)?;
         let sockets = take_hash_map(&mut ebpf, names::SOCK_ORIG_DST)?;
         let by_peer = take_hash_map(&mut ebpf, names::ORIG_DST_BY_PEER)?;
+        release_load_heap();
         Ok(Self {
             ebpf,
             config,
@@ -745,6 +746,17 @@ impl Capturer {
             .ok_or(CaptureError::Missing(name))?
             .try_into()
             .map_err(|e| CaptureError::Program(name, e))
+    }
+}
+
+/// Hands the heap freed by the load back to the kernel. Loading parses the kernel's BTF twice
+/// (~19 MiB of short-lived allocations) and glibc keeps such memory mapped unless asked: it was
+/// ~15 of the ~25 MiB RSS of an idle agent.
+fn release_load_heap() {
+    // SAFETY: malloc_trim only returns free pages to the kernel; no allocation is touched.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

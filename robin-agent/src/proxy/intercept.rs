@@ -21,11 +21,11 @@ use tracing::{Instrument, debug, info, warn};
 use super::{
     ProxyStats, Rule,
     inject::{set_credential, strip_hop_by_hop, wants_upgrade},
-    upstream::{Proto, SendError, Upstream, UpstreamError},
+    upstream::{Proto, SendError, Upstream, UpstreamBody, UpstreamError},
 };
 use crate::{config::normalize_host, identity::IdentityError};
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<UpstreamBody, Full<Bytes>>;
 
 /// What every request on one intercepted connection shares.
 pub struct ConnCtx {

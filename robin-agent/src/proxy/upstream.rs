@@ -7,17 +7,24 @@
 //! original destination address, the verified server name (or none, for plain HTTP) and the
 //! ALPN offered. A pooled connection is therefore only ever handed to a request for the very
 //! destination and name it was dialled and verified for. HTTP/1 connections return to the pool
-//! once their response is complete; an h2 connection is shared by every request of its key.
+//! once their response is complete; an h2 connection is shared by the requests of its key, up to
+//! [`H2_STREAMS_PER_CONN`] at a time.
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak, atomic::Ordering},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use hyper::{
     Request, Response,
-    body::Incoming,
+    body::{Body, Frame, Incoming, SizeHint},
     client::conn::{self, TrySendError},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -119,9 +126,69 @@ pub struct PoolLimits {
     pub connect_timeout: Duration,
 }
 
+/// Open streams per shared h2 connection before another connection is opened for the key: the
+/// smallest `SETTINGS_MAX_CONCURRENT_STREAMS` common servers announce (haproxy and Apache 100,
+/// nginx 128). Past the server's limit, new requests would queue behind open streams (and a
+/// long-lived gRPC or SSE stream can hold its slot indefinitely); several connections also let
+/// the runtime's workers share the framing work.
+pub const H2_STREAMS_PER_CONN: usize = 100;
+
+/// One open stream on an h2 connection, released when the response body ends or is dropped.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn on(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 enum Sender {
     Http1(conn::http1::SendRequest<Incoming>),
-    H2(conn::http2::SendRequest<Incoming>),
+    H2(conn::http2::SendRequest<Incoming>, StreamGuard),
+}
+
+/// A shared h2 connection and its open streams.
+struct H2Conn {
+    sender: conn::http2::SendRequest<Incoming>,
+    streams: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+/// An upstream response body; on h2 it holds its stream's slot until it ends.
+pub struct UpstreamBody {
+    inner: Incoming,
+    stream: Option<StreamGuard>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            self.stream = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 struct Idle {
@@ -129,9 +196,13 @@ struct Idle {
     since: Instant,
 }
 
+/// Serializes dials that may yield a shared h2 connection; holds when and why the last one
+/// failed.
+type DialLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+
 /// What is pooled for one key.
 struct Entry {
-    h2: Option<(conn::http2::SendRequest<Incoming>, Instant)>,
+    h2: Vec<H2Conn>,
     /// Most recently returned last: reusing the warmest connection makes it the least likely
     /// one to have hit the upstream's own idle timeout.
     idle: Vec<Idle>,
@@ -144,14 +215,10 @@ struct Entry {
     dial: DialLock,
 }
 
-/// See [`Entry::dial`]: when and why the last dial that could have made the shared h2
-/// connection failed.
-type DialLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
-
 impl Entry {
     fn new() -> Self {
         Self {
-            h2: None,
+            h2: Vec::new(),
             idle: Vec::new(),
             http1_only: false,
             dial: Arc::new(tokio::sync::Mutex::new(None)),
@@ -203,12 +270,16 @@ impl Pool {
             keys, idle_total, ..
         } = &mut *st;
         let entry = keys.get_mut(key)?;
-        if let Some((h2, last)) = &mut entry.h2 {
-            if h2.is_ready() {
-                *last = Instant::now();
-                return Some(Sender::H2(h2.clone()));
-            }
-            entry.h2 = None;
+        entry.h2.retain(|c| c.sender.is_ready());
+        // First fit: load concentrates on the oldest connections, so a spare one goes idle and
+        // is closed by the sweep.
+        if let Some(c) = entry
+            .h2
+            .iter_mut()
+            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONN)
+        {
+            c.last_used = Instant::now();
+            return Some(Sender::H2(c.sender.clone(), StreamGuard::on(&c.streams)));
         }
         while let Some(idle) = entry.idle.pop() {
             *idle_total -= 1;
@@ -230,16 +301,18 @@ impl Pool {
         (!entry.http1_only).then(|| entry.dial.clone())
     }
 
-    /// Records what a dial for `key` negotiated; an h2 connection becomes the shared one.
+    /// Records what a dial for `key` negotiated; an h2 connection is shared from now on.
     fn dialled(&self, key: &Target, sender: &Sender) {
         let mut st = self.state();
         let entry = st.keys.entry(key.clone()).or_insert_with(Entry::new);
         match sender {
-            Sender::H2(h2) => {
+            Sender::H2(h2, stream) => {
                 entry.http1_only = false;
-                if entry.h2.as_ref().is_none_or(|(old, _)| !old.is_ready()) {
-                    entry.h2 = Some((h2.clone(), Instant::now()));
-                }
+                entry.h2.push(H2Conn {
+                    sender: h2.clone(),
+                    streams: stream.0.clone(),
+                    last_used: Instant::now(),
+                });
             }
             Sender::Http1(_) => entry.http1_only = key.alpn == Alpn::H2,
         }
@@ -291,14 +364,12 @@ impl Pool {
             e.idle
                 .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
             *idle_total -= before - e.idle.len();
-            if e.h2
-                .as_ref()
-                .is_some_and(|(h2, last)| h2.is_closed() || last.elapsed() >= timeout)
-            {
-                e.h2 = None;
-            }
+            e.h2.retain(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Relaxed) > 0 || c.last_used.elapsed() < timeout)
+            });
             // An entry whose dial lock is held (or waited on) is still in use.
-            e.h2.is_some() || !e.idle.is_empty() || Arc::strong_count(&e.dial) > 1
+            !e.h2.is_empty() || !e.idle.is_empty() || Arc::strong_count(&e.dial) > 1
         });
     }
 
@@ -388,7 +459,7 @@ where
         }
         .instrument(tracing::debug_span!("upstream", %dst)),
     );
-    Ok(Sender::H2(sender))
+    Ok(Sender::H2(sender, StreamGuard::on(&Arc::default())))
 }
 
 /// One downstream connection's view of the pool: its key.
@@ -408,7 +479,7 @@ impl Checkout {
     pub fn proto(&self) -> Proto {
         match self.sender {
             Sender::Http1(_) => Proto::Http1,
-            Sender::H2(_) => Proto::H2,
+            Sender::H2(..) => Proto::H2,
         }
     }
 }
@@ -448,7 +519,7 @@ impl Upstream {
         {
             return Err(UpstreamError::Shared(why.clone()));
         }
-        // The dial we waited for may have made the shared h2 connection.
+        // The dial we waited for may have made a shared h2 connection with room.
         if let Some(sender) = self.pool.take(&self.target) {
             self.pool
                 .stats
@@ -490,20 +561,29 @@ impl Upstream {
         &self,
         checkout: Checkout,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let reused = checkout.reused;
         let unsent = |mut e: TrySendError<Request<Incoming>>| match e.take_message() {
             Some(req) if reused => SendError::Unsent(Box::new(req)),
             _ => SendError::Failed(UpstreamError::Send(e.into_error())),
         };
         match checkout.sender {
-            Sender::H2(mut s) => s.try_send_request(req).await.map_err(unsent),
+            Sender::H2(mut s, stream) => {
+                let resp = s.try_send_request(req).await.map_err(unsent)?;
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    stream: Some(stream),
+                }))
+            }
             Sender::Http1(mut s) => {
                 let resp = s.try_send_request(req).await.map_err(unsent)?;
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     self.pool.release(self.target.clone(), s);
                 }
-                Ok(resp)
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    stream: None,
+                }))
             }
         }
     }
@@ -563,7 +643,7 @@ mod tests {
     async fn dial(pool: &Arc<Pool>, t: &Target) -> conn::http1::SendRequest<Incoming> {
         match pool.dial(t).await.unwrap() {
             Sender::Http1(s) => s,
-            Sender::H2(_) => unreachable!("plain upstream"),
+            Sender::H2(..) => unreachable!("plain upstream"),
         }
     }
 
