@@ -640,20 +640,8 @@ impl Reconciler {
             }
             // Ports changed: recapture. The old attachment stays until the new one is in
             // place (connects meanwhile are refused, never sent direct).
-            if let Some(old) = self.captured.remove(&uid) {
-                old.serve.abort();
-                self.adopted
-                    .insert(old.attachment.cgroup_id(), old.attachment);
-                if let Some(p) = self
-                    .shared
-                    .proxies
-                    .lock()
-                    .expect("proxies lock")
-                    .remove(&uid)
-                {
-                    self.retire(&p);
-                }
-            }
+            self.recapture(&uid);
+            return;
         }
         match self.capture(&pod, &want) {
             Ok(view) => {
@@ -801,6 +789,18 @@ impl Reconciler {
                 }
                 continue;
             }
+            // A recreated pod sandbox: same pod and cgroup, new network namespace. The listener
+            // and upstream sockets must move there; capture again (the pinned links stay until
+            // the new ones are in place, so connects meanwhile are refused, never direct).
+            let moved = match (NetNs::id_of(format!("/proc/{pid}/ns/net")), c.netns.id()) {
+                (Ok(new), Ok(old)) => new != old,
+                _ => false,
+            };
+            if moved {
+                tracing::info!(uid, pid, "pod network namespace changed; capturing again");
+                self.recapture(&uid);
+                continue;
+            }
             let proxy = match self.pod_proxy(&c.identity, &c.wanted, pid, c.netns.clone()) {
                 Ok(p) => p,
                 Err(e) => {
@@ -823,6 +823,28 @@ impl Reconciler {
                 v.token_visible = Some(visible);
             }
             tracing::info!(uid, pid, token_visible = visible, "pod process re-selected");
+        }
+    }
+
+    /// Captures a pod again from scratch (new listener, new process, new proxy), replacing its
+    /// attachment without a gap.
+    fn recapture(&mut self, uid: &str) {
+        if let Some(old) = self.captured.remove(uid) {
+            old.serve.abort();
+            self.adopted
+                .insert(old.attachment.cgroup_id(), old.attachment);
+            if let Some(p) = self
+                .shared
+                .proxies
+                .lock()
+                .expect("proxies lock")
+                .remove(uid)
+            {
+                self.retire(&p);
+            }
+        }
+        if let Some(pod) = self.known.get(uid).cloned() {
+            self.apply(pod);
         }
     }
 

@@ -422,3 +422,61 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
         );
     }
 }
+
+#[test]
+fn pod_sandbox_recreated_in_a_new_network_namespace_is_captured_there() {
+    require_privileges();
+    let dir = TempDir::new("sandbox");
+    let pki = Pki::new(dir.path(), &[HOST]);
+    // The pod's first sandbox, and the one the kubelet recreates it with (same pod, same cgroup).
+    let (first, second) = (
+        PodNet::new(&pki, dir.path().join("up-1.log")),
+        PodNet::new(&pki, dir.path().join("up-2.log")),
+    );
+    let tok = "tok-sandbox.pod-alpha";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, tok).unwrap();
+    let mut cgroups = KubeletCgroups::new();
+    let uid = pod_uid();
+    let cg = cgroups.systemd(&uid, "besteffort", "cri-containerd-a");
+    let old_process = pod_process(first.netns(), &cg);
+    let config = dir.path().join("node.toml");
+    write_node_config(&config, &pki, &default_rule_set());
+    let api = FakeApi::start();
+    api.open();
+    api.upsert(pod_json(
+        "a",
+        &uid,
+        "BestEffort",
+        json!({"robin.dev/inject": "true", "robin.dev/token-path": token_file.to_str().unwrap()}),
+    ));
+    let pins = BpfPins::new();
+    let admin = free_port();
+    let log = dir.path().join("agent.log");
+    let _agent = start_agent(&api, &config, &cgroups, &pins, admin, "info", &log);
+    wait_for("pod captured", || {
+        pod_state(admin, &uid).filter(|p| p["state"] == "captured")
+    });
+    let seen = curl(first.netns(), &cg, "/first-sandbox");
+    assert_eq!(seen["authorization"], json!([format!("Bearer {tok}")]));
+
+    drop(old_process);
+    let new_process = pod_process(second.netns(), &cg);
+    let new_pid = new_process.0.id();
+    wait_for("capture in the new network namespace", || {
+        pod_state(admin, &uid).filter(|p| p["state"] == "captured" && p["pid"] == new_pid)
+    });
+    let seen = curl(second.netns(), &cg, "/second-sandbox");
+    assert_eq!(
+        seen["authorization"],
+        json!([format!("Bearer {tok}")]),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        served(&second.log),
+        1,
+        "the request left from the new sandbox"
+    );
+    assert_eq!(pins.attached_cgroups(), vec![pod_cgroup_id(&cg)]);
+}

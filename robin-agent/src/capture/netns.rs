@@ -17,6 +17,13 @@ pub enum NetNsError {
     Enter(String, nix::Error),
 }
 
+/// Identity of a network namespace (see [`NetNs::id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetNsId {
+    dev: u64,
+    ino: u64,
+}
+
 #[derive(Debug)]
 pub struct NetNs {
     fd: OwnedFd,
@@ -42,6 +49,26 @@ impl NetNs {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// Which namespace this is: the nsfs device and inode, equal for every handle on the same
+    /// namespace (what `ip netns identify` compares).
+    pub fn id(&self) -> std::io::Result<NetNsId> {
+        let st = nix::sys::stat::fstat(self.fd.as_raw_fd()).map_err(std::io::Error::from)?;
+        Ok(NetNsId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    /// The identity of the namespace at `path` (e.g. `/proc/PID/ns/net`) without keeping it open.
+    pub fn id_of(path: impl AsRef<Path>) -> std::io::Result<NetNsId> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path)?;
+        Ok(NetNsId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
     }
 
     /// Runs `f` with the calling thread inside this namespace, then moves it back.
