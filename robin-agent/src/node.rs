@@ -833,15 +833,7 @@ impl Reconciler {
             old.serve.abort();
             self.adopted
                 .insert(old.attachment.cgroup_id(), old.attachment);
-            if let Some(p) = self
-                .shared
-                .proxies
-                .lock()
-                .expect("proxies lock")
-                .remove(uid)
-            {
-                self.retire(&p);
-            }
+            self.retire_pod_proxy(uid);
         }
         if let Some(pod) = self.known.get(uid).cloned() {
             self.apply(pod);
@@ -884,6 +876,19 @@ impl Reconciler {
         }
     }
 
+    /// Stops reporting a pod's proxy; its counters go to the retired totals.
+    fn retire_pod_proxy(&self, uid: &str) {
+        let proxy = self
+            .shared
+            .proxies
+            .lock()
+            .expect("proxies lock")
+            .remove(uid);
+        if let Some(p) = proxy {
+            self.retire(&p);
+        }
+    }
+
     fn retire(&self, proxy: &Proxy) {
         self.shared.retired.lock().expect("retired lock").add(proxy);
     }
@@ -895,15 +900,7 @@ impl Reconciler {
             // listener because of us.
             self.capturer.detach(c.attachment);
             c.serve.abort();
-            if let Some(p) = self
-                .shared
-                .proxies
-                .lock()
-                .expect("proxies lock")
-                .remove(uid)
-            {
-                self.retire(&p);
-            }
+            self.retire_pod_proxy(uid);
             tracing::info!(uid, "released");
         }
     }
