@@ -1055,6 +1055,27 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         robin: measure(robin, &plain, parse_wrk)?,
         peers: Vec::new(),
     });
+    // Added latency is what one request pays with nothing queued in front of it: one
+    // connection, one request at a time (the 16-connection rows above run the two cores flat,
+    // so their p50 is mostly waiting for a core).
+    let one_conn = |url: &str| format!("wrk -t1 -c1 -d{d}s --latency {url}");
+    for (scenario, url) in [
+        (
+            "plain HTTP inject, 1 connection (latency)",
+            format!("http://{RULED}/small"),
+        ),
+        (
+            "TLS intercept + inject, 1 connection (latency)",
+            ruled.clone(),
+        ),
+    ] {
+        rows.push(Row {
+            scenario: scenario.into(),
+            direct: measure(None, &one_conn(&url), parse_wrk)?,
+            robin: measure(robin, &one_conn(&url), parse_wrk)?,
+            peers: Vec::new(),
+        });
+    }
     let bulk = format!(
         "echo SPEED $(curl -sS -o /dev/null -w '%{{speed_download}}' https://{UNRULED}/large)"
     );
@@ -1415,6 +1436,22 @@ fn render(rows: &[Row], extras: &Extras, s: &Settings, smoke: bool) -> anyhow::R
         line("robin", "eBPF connect redirect", &row.robin, false)?;
         for (name, m) in &row.peers {
             line(name, peer_label(name), m, true)?;
+        }
+    }
+    writeln!(r)?;
+    for row in rows
+        .iter()
+        .filter(|row| row.scenario.ends_with("(latency)"))
+    {
+        if let (Some(robin), Some(direct)) = (row.robin.p50_ms, row.direct.p50_ms) {
+            writeln!(
+                r,
+                "Added p50, {}: {:+.0} µs (robin {:.3} ms, direct {:.3} ms).",
+                row.scenario.trim_end_matches(" (latency)"),
+                (robin - direct) * 1000.0,
+                robin,
+                direct
+            )?;
         }
     }
     writeln!(r)?;
