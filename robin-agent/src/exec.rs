@@ -78,7 +78,7 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         .await
         .context("waiting for the command")?;
     serve.abort();
-    drain(&in_flight).await;
+    crate::proxy::drain(&in_flight, DRAIN_TIMEOUT).await;
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);
@@ -87,14 +87,6 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
 
 /// Longest wait, once CMD has exited, for its connections to finish (and be logged).
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Waits (bounded) until no connection task holds a clone of `in_flight`.
-async fn drain(in_flight: &Arc<()>) {
-    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while Arc::strong_count(in_flight) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
 
 async fn accept_loop(listener: Arc<CapturedListener>, proxy: Proxy, in_flight: Arc<()>) {
     loop {

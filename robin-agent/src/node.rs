@@ -218,8 +218,6 @@ pub struct Totals {
     pub conn_spliced: u64,
     pub conn_failed: u64,
     pub conn_splice_failed: u64,
-    pub requests: [u64; 5],
-    pub identity_errors: u64,
     pub upstream_errors: u64,
     pub upstream_connects: u64,
     pub upstream_reused: u64,
@@ -250,16 +248,6 @@ impl Totals {
         self.conn_spliced += r(&s.conn_spliced);
         self.conn_failed += r(&s.conn_failed);
         self.conn_splice_failed += r(&s.conn_splice_failed);
-        for (t, c) in self.requests.iter_mut().zip([
-            &s.requests_1xx,
-            &s.requests_2xx,
-            &s.requests_3xx,
-            &s.requests_4xx,
-            &s.requests_5xx,
-        ]) {
-            *t += r(c);
-        }
-        self.identity_errors += r(&s.identity_errors);
         self.upstream_errors += r(&s.upstream_errors);
         self.upstream_connects += r(&s.upstream_connects);
         self.upstream_reused += r(&s.upstream_reused);
@@ -403,22 +391,12 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     // then let connections in flight finish, bounded.
     let _ = stop.send(());
     let _ = reconciler.await;
-    let left = drain(&in_flight, args.drain_timeout).await;
+    let left = crate::proxy::drain(&in_flight, args.drain_timeout).await;
     tracing::info!(
         connections_cut = left,
         "shutting down; pinned capture stays in place"
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Waits until no connection task holds a clone of `in_flight`, at most `timeout`; returns how
-/// many were still open.
-async fn drain(in_flight: &Arc<()>, timeout: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while Arc::strong_count(in_flight) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Arc::strong_count(in_flight) - 1
 }
 
 /// Which API server, in kube-rs's order: `--kube-api`; else a kubeconfig named by

@@ -298,10 +298,7 @@ pub struct BpfPins(PathBuf);
 impl BpfPins {
     pub fn new() -> Self {
         let root = Path::new("/sys/fs/bpf");
-        let is_bpffs = |p: &Path| {
-            nix::sys::statfs::statfs(p)
-                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-        };
+        let is_bpffs = |p: &Path| robin_agent::capture::PinDir::is_bpffs(p).unwrap_or(false);
         if !is_bpffs(root) {
             // systemd mounts it on every ordinary host; a bare test machine may not have it.
             let out = Command::new("mount")

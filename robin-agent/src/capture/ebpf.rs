@@ -118,12 +118,12 @@ impl PinDir {
                 .parent()
                 .ok_or_else(|| CaptureError::NotBpffs(path.clone()))?;
         }
-        let fs = nix::sys::statfs::statfs(existing).map_err(|e| CaptureError::Pin {
+        let on_bpffs = Self::is_bpffs(existing).map_err(|e| CaptureError::Pin {
             op: "statfs",
             path: existing.to_owned(),
-            source: e.into(),
+            source: e,
         })?;
-        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        if !on_bpffs {
             return Err(CaptureError::NotBpffs(path));
         }
         let dir = Self(path);
@@ -135,6 +135,12 @@ impl PinDir {
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    /// Whether `path` is on a bpf filesystem.
+    pub fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+        let fs = nix::sys::statfs::statfs(path)?;
+        Ok(fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
     }
 
     fn maps(&self) -> PathBuf {

@@ -497,18 +497,24 @@ impl Upstream {
         Self { target, pool }
     }
 
+    /// A pooled connection hyper reports ready, counted as a reuse.
+    fn take_pooled(&self) -> Option<Checkout> {
+        let sender = self.pool.take(&self.target)?;
+        self.pool
+            .stats
+            .upstream_reused
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Checkout {
+            sender,
+            reused: true,
+        })
+    }
+
     /// A ready connection: a pooled one if hyper reports one ready, else exactly one dial.
     pub async fn checkout(&self) -> Result<Checkout, UpstreamError> {
         let asked = Instant::now();
-        if let Some(sender) = self.pool.take(&self.target) {
-            self.pool
-                .stats
-                .upstream_reused
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(Checkout {
-                sender,
-                reused: true,
-            });
+        if let Some(reused) = self.take_pooled() {
+            return Ok(reused);
         }
         let Some(lock) = self.pool.dial_lock(&self.target) else {
             return self.dial().await;
@@ -520,15 +526,8 @@ impl Upstream {
             return Err(UpstreamError::Shared(why.clone()));
         }
         // The dial we waited for may have made a shared h2 connection with room.
-        if let Some(sender) = self.pool.take(&self.target) {
-            self.pool
-                .stats
-                .upstream_reused
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(Checkout {
-                sender,
-                reused: true,
-            });
+        if let Some(reused) = self.take_pooled() {
+            return Ok(reused);
         }
         let res = self.dial().await;
         if let Err(e) = &res {
