@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod helm;
 mod manifests;
 mod setup;
 
@@ -34,8 +35,8 @@ enum Task {
     },
     /// Show Robin's main job end to end on throwaway namespaces.
     Demo,
-    /// Render every kustomization under deploy/ and validate it against the Kubernetes schemas
-    /// (offline).
+    /// Render every kustomization under deploy/ and every documented values combination of the
+    /// Helm chart, and validate them against the Kubernetes schemas (offline).
     Manifests,
     /// Benchmark Robin against the direct path and peer proxies (writes bench/results/).
     Bench {
@@ -56,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Manifests => {
             setup::ensure_manifest_validator()?;
+            helm::ensure()?;
             manifests::run()
         }
         Task::Bench { smoke } => {

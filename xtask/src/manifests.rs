@@ -1,9 +1,10 @@
 //! `cargo xtask manifests`: renders every kustomization under `deploy/` with `kubectl kustomize`
-//! and validates each rendered object against the Kubernetes OpenAPI schemas, offline and
+//! and every documented values combination of the Helm chart (see [`crate::helm`]), and
+//! validates each rendered object against the Kubernetes OpenAPI schemas, offline and
 //! strict (unknown fields are errors). The schemas come bundled with `kubernetes-validate` from
 //! PyPI, installed by `cargo xtask setup` into a venv under the target dir.
 //!
-//! Kinds with no bundled schema (the cert-manager and trust-manager CRDs) cannot be checked:
+//! Kinds with no bundled schema (the cert-manager, trust-manager and prometheus-operator CRDs) cannot be checked:
 //! they are listed as skipped. A schema-less kind outside those CRD groups fails, since it is
 //! most likely a typo in `kind` or `apiVersion`.
 use std::{
@@ -22,7 +23,11 @@ pub const VALIDATOR_VERSION: &str = "1.37.0";
 /// schemas, so a field only recent clusters know is caught.
 pub const KUBERNETES_VERSION: &str = "1.33.0";
 /// API groups of the CRDs the overlays use; their objects are skipped, not failed.
-const CRD_GROUPS: &[&str] = &["cert-manager.io", "trust.cert-manager.io"];
+const CRD_GROUPS: &[&str] = &[
+    "cert-manager.io",
+    "trust.cert-manager.io",
+    "monitoring.coreos.com",
+];
 
 pub fn venv() -> PathBuf {
     target_dir().join("tools/venv")
@@ -54,23 +59,33 @@ pub fn run() -> anyhow::Result<()> {
     let mut dirs = Vec::new();
     find_kustomizations(&root.join("deploy"), &mut dirs)?;
     dirs.sort();
+    let mut base = None;
     for dir in &dirs {
-        let shown = dir.strip_prefix(&root).unwrap_or(dir).display();
+        let shown = dir.strip_prefix(&root).unwrap_or(dir).display().to_string();
         let rendered = render(dir)?;
-        let objects = rendered.lines().filter(|l| l.starts_with("kind: ")).count();
-        let out = validate(&rendered).with_context(|| format!("validating {shown}"))?;
-        let checked = check(&out, objects)
-            .with_context(|| format!("{shown} is not valid for Kubernetes {KUBERNETES_VERSION}"))?;
-        println!(
-            "manifests: {shown}: {} of {objects} objects valid for Kubernetes {KUBERNETES_VERSION}",
-            checked.passed
-        );
-        for s in &checked.skipped {
-            println!("manifests: {shown}: skipped (no schema for this CRD): {s}");
+        check_rendered(&shown, &rendered)?;
+        if shown == "deploy/k8s/base" {
+            base = Some(rendered);
         }
-        for w in &checked.warnings {
-            println!("manifests: {shown}: warning: {w}");
-        }
+    }
+    crate::helm::check(&base.context("deploy/k8s/base has no kustomization")?)
+}
+
+/// Validates every object of a render; `shown` names it in the report.
+pub fn check_rendered(shown: &str, rendered: &str) -> anyhow::Result<()> {
+    let objects = rendered.lines().filter(|l| l.starts_with("kind: ")).count();
+    let out = validate(rendered).with_context(|| format!("validating {shown}"))?;
+    let checked = check(&out, objects)
+        .with_context(|| format!("{shown} is not valid for Kubernetes {KUBERNETES_VERSION}"))?;
+    println!(
+        "manifests: {shown}: {} of {objects} objects valid for Kubernetes {KUBERNETES_VERSION}",
+        checked.passed
+    );
+    for s in &checked.skipped {
+        println!("manifests: {shown}: skipped (no schema for this CRD): {s}");
+    }
+    for w in &checked.warnings {
+        println!("manifests: {shown}: warning: {w}");
     }
     Ok(())
 }

