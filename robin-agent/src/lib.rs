@@ -12,3 +12,4 @@ pub mod node;
 pub mod oidc_gateway;
 pub mod proxy;
 pub mod tls;
+pub mod webhook;

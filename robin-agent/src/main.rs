@@ -35,6 +35,9 @@ enum Command {
     Node(robin_agent::node::NodeArgs),
     /// For a pod's init container: return once robin node has captured this pod.
     Await(robin_agent::node::wait::AwaitArgs),
+    /// Mutating admission webhook: give pods annotated robin.dev/inject their token volume,
+    /// trust bundle and `robin await` init container.
+    Webhook(robin_agent::webhook::WebhookArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
         Command::Node(args) => robin_agent::node::main(args),
         Command::Await(args) => robin_agent::node::wait::main(args),
+        Command::Webhook(args) => robin_agent::webhook::main(args),
     };
     match result {
         Ok(code) => code,
