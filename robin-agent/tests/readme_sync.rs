@@ -10,6 +10,7 @@ fn module_readmes_appear_verbatim_in_the_top_level_readme() {
             "oidc_gateway",
             include_str!("../src/oidc_gateway/README.md"),
         ),
+        ("webhook", include_str!("../src/webhook/README.md")),
     ] {
         let section = section.trim_end();
         assert!(

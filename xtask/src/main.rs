@@ -14,6 +14,7 @@ mod bench;
 mod demo;
 mod helm;
 mod manifests;
+mod progress;
 mod setup;
 
 #[derive(Parser)]
@@ -48,6 +49,14 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let task = match &cli.command {
+        Task::Setup => "setup",
+        Task::Test { .. } => "test",
+        Task::Demo => "demo",
+        Task::Manifests => "manifests",
+        Task::Bench { .. } => "bench",
+    };
+    progress::init(task)?;
     match cli.command {
         Task::Setup => setup::ensure(),
         Task::Test { args } => test(&args),
@@ -98,14 +107,15 @@ pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// Builds the `robin` binary (debug for tests and the demo, release for benchmarks) and
-/// returns its path.
+/// returns its path. The build's output goes to the run's log (see [`progress`]).
 pub fn build_robin(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "-p", "robin-agent", "--bin", "robin"]);
     if release {
         cmd.arg("--release");
     }
-    status(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    progress::step(&format!("building robin ({profile})"), &mut cmd)?;
     Ok(target_dir().join(if release {
         "release/robin"
     } else {

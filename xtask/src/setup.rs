@@ -11,7 +11,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{helm, manifests, status};
+use crate::{helm, manifests, progress::step};
 
 const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -66,13 +66,12 @@ pub fn ensure_manifest_validator() -> anyhow::Result<()> {
         return Ok(());
     }
     let venv = manifests::venv();
-    eprintln!(
-        "setup: installing kubernetes-validate {} into {}",
-        manifests::VALIDATOR_VERSION,
-        venv.display()
-    );
     ensure_venv(&venv)?;
-    status(
+    step(
+        &format!(
+            "setup: installing kubernetes-validate {}",
+            manifests::VALIDATOR_VERSION
+        ),
         Command::new(venv.join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check"])
             .arg(format!(
@@ -90,7 +89,6 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing Debian packages (missing: {missing:?})");
     apt_install(APT_PACKAGES)
 }
 
@@ -98,8 +96,12 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
 /// host (`RUNLEVEL=1` makes invoke-rc.d skip that): tests and benchmarks start their own inside
 /// namespaces. No pkill by name afterwards: it would hit other users' servers.
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    status(Command::new("apt-get").args(["update", "-qq"]))?;
-    status(
+    step(
+        "setup: apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    step(
+        &format!("setup: installing {} Debian packages", packages.len()),
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(packages)
@@ -115,7 +117,8 @@ pub fn ensure_venv(venv: &Path) -> anyhow::Result<()> {
     if venv.join("bin/pip").exists() {
         return Ok(());
     }
-    status(
+    step(
+        "setup: creating the tool venv",
         Command::new("/usr/bin/python3")
             .arg("-m")
             .arg("venv")
@@ -133,9 +136,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     if installed {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~2 min)");
     // bpf-linker's build script reads LLVM_PREFIX; llvm-sys reads LLVM_SYS_221_PREFIX.
-    status(
+    step(
+        &format!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~2 min)"),
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"])
@@ -159,5 +162,8 @@ fn ensure_toolchain_link() -> anyhow::Result<()> {
         bail!("/usr/bin/rustc is missing although rustc-web was installed");
     }
     // `rustup run bpf-debian cargo …` then uses /usr/bin/{rustc,cargo}, which ship rust-src.
-    status(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]))
+    step(
+        "setup: linking the Debian toolchain into rustup",
+        Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]),
+    )
 }
