@@ -5,7 +5,9 @@
 //! demo Robin CA through its system trust store (as a platform would mount it). The demo shows
 //! the injected token, rotates the token file and shows the new one on the next request of the
 //! same process, and shows that a host with no rule is spliced through with the upstream's own
-//! certificate. Everything is removed at the end, also on failure.
+//! certificate. Then the same pod namespace is captured by `robin node` instead ([`node`]), and
+//! the demo shows `/debug/pods` and the agent's metrics. Everything is removed at the end, also
+//! on failure.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -16,6 +18,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{build_robin, status};
+
+mod node;
 
 const POD_NS: &str = "robin-demo-pod";
 const UPSTREAM_NS: &str = "robin-demo-up";
@@ -319,6 +323,12 @@ source = {{ kind = "file", path = "{token}" }}
     if !st.success() {
         bail!("robin exec exited with {st}");
     }
+    node::run(&node::Act {
+        robin: robin.clone(),
+        dir: dir.clone(),
+        pod_ns: POD_NS,
+        ruled_host: RULED_HOST,
+    })?;
     step("Done: the app never held the token; Robin injected the current one per request");
     drop(world);
     Ok(())
