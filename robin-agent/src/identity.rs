@@ -106,6 +106,13 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    /// A file inside a pod's root (`robin node`), or a path that would leave it.
+    #[error("reading {path}: {source}")]
+    ReadInPod {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid token from {origin}: {source}")]
     Invalid {
         origin: String,
@@ -187,6 +194,9 @@ pub struct IdentityContext {
     /// Default Workload API socket (`ROBIN_SPIFFE_SOCKET`), used when a rule names none.
     pub spiffe_socket: Option<PathBuf>,
     pub pod: Option<PodRef>,
+    /// `robin node`: the pod's filesystem. `file` sources (also an `exchange`'s inner one) are
+    /// then paths inside the pod's root, never the agent's.
+    pub pod_fs: Option<Arc<crate::podfs::PodFs>>,
 }
 
 /// Default Workload API socket for `spiffe` sources.
@@ -201,6 +211,7 @@ impl IdentityContext {
             service_account_dir: PathBuf::from(DEFAULT_SERVICE_ACCOUNT_DIR),
             spiffe_socket: None,
             pod: None,
+            pod_fs: None,
         }
     }
 
@@ -219,6 +230,14 @@ impl IdentityContext {
     pub fn for_pod(&self, pod: PodRef) -> Self {
         Self {
             pod: Some(pod),
+            ..self.clone()
+        }
+    }
+
+    /// The same context reading `file` sources inside the pod's root filesystem.
+    pub fn in_pod_fs(&self, fs: Arc<crate::podfs::PodFs>) -> Self {
+        Self {
+            pod_fs: Some(fs),
             ..self.clone()
         }
     }
@@ -244,7 +263,12 @@ pub fn build_source_with(
     ctx: &IdentityContext,
 ) -> Result<Arc<dyn IdentitySource>, IdentityError> {
     Ok(match cfg {
-        SourceConfig::File { path } => Arc::new(file::FileSource::new(path.clone())),
+        SourceConfig::File { path } => Arc::new(match &ctx.pod_fs {
+            Some(fs) => {
+                file::FileSource::in_pod(crate::podfs::PodPath::new(fs.clone(), path.clone()))
+            }
+            None => file::FileSource::new(path.clone()),
+        }),
         SourceConfig::TokenRequest(c) => Arc::new(token_request::TokenRequestSource::new(c, ctx)?),
         SourceConfig::Spiffe(c) => Arc::new(spiffe::SpiffeSource::new(c, ctx)?),
         SourceConfig::Exchange(c) => Arc::new(exchange::ExchangeSource::new(c, ctx)?),

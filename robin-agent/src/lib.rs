@@ -10,5 +10,6 @@ pub mod identity;
 pub mod metrics;
 pub mod node;
 pub mod oidc_gateway;
+pub mod podfs;
 pub mod proxy;
 pub mod tls;

@@ -12,6 +12,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::podfs::PodRoot;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodCgroupError {
     #[error("no cgroup for pod {uid} under {root} (tried {tried})")]
@@ -26,6 +28,10 @@ pub enum PodCgroupError {
     Io(PathBuf, #[source] io::Error),
     #[error("{0:?} is not a pod uid")]
     BadUid(String),
+    #[error(
+        "{0} is not a cgroup2 mount, and has no cgroup2 `unified` directory (on hybrid-cgroup hosts point ROBIN_CGROUP_ROOT at the cgroup2 mount)"
+    )]
+    NotCgroup2(PathBuf),
 }
 
 /// `status.qosClass` of a pod.
@@ -119,6 +125,26 @@ pub fn find(root: &Path, uid: &str, qos: Option<QosClass>) -> Result<PathBuf, Po
     })
 }
 
+fn is_cgroup2(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup2 directory to look for pods under, given the configured root. On hybrid-cgroup
+/// hosts `/sys/fs/cgroup` holds the v1 controllers and cgroup2 is mounted at
+/// `/sys/fs/cgroup/unified`; a root that is not cgroup2 but has such a child means that child.
+pub fn cgroup2_root(root: &Path) -> Result<PathBuf, PodCgroupError> {
+    if is_cgroup2(root) {
+        return Ok(root.to_owned());
+    }
+    let unified = root.join("unified");
+    if is_cgroup2(&unified) {
+        tracing::info!(configured = %root.display(), using = %unified.display(), "hybrid cgroup layout: using the cgroup2 mount");
+        return Ok(unified);
+    }
+    Err(PodCgroupError::NotCgroup2(root.to_owned()))
+}
+
 /// Most cgroups visited below a pod (pod → containers is two levels in practice).
 const MAX_CGROUPS_VISITED: usize = 64;
 
@@ -156,13 +182,17 @@ pub fn pids(pod_cgroup: &Path) -> Result<Vec<u32>, PodCgroupError> {
     Ok(out)
 }
 
-/// A process of the pod whose filesystem view holds `file` (the pause container has no volume
-/// mounts, an application container does); failing that, any process (enough for the netns).
+/// Most processes of a pod looked at when choosing one: a pod runs a handful; the bound keeps
+/// a pod that forks thousands from making each choice expensive.
+const MAX_PIDS_TRIED: usize = 64;
+
+/// A process of the pod whose root holds `file` as a regular file (the pause container has no
+/// volume mounts, an application container does), looked up inside that root
+/// ([`crate::podfs`]); failing that, any process (enough for the netns).
 pub fn pick_pid(pod_cgroup: &Path, file: &Path) -> Result<(u32, bool), PodCgroupError> {
     let pids = pids(pod_cgroup)?;
-    let rel = file.strip_prefix("/").unwrap_or(file);
-    for &pid in &pids {
-        if Path::new(&format!("/proc/{pid}/root")).join(rel).is_file() {
+    for &pid in pids.iter().take(MAX_PIDS_TRIED) {
+        if PodRoot::open(pid).is_ok_and(|root| root.is_file(file)) {
             return Ok((pid, true));
         }
     }
@@ -171,10 +201,12 @@ pub fn pick_pid(pod_cgroup: &Path, file: &Path) -> Result<(u32, bool), PodCgroup
         .ok_or_else(|| PodCgroupError::NoProcess(pod_cgroup.to_owned()))
 }
 
-/// `file` as seen by process `pid`.
-pub fn in_pod_root(pid: u32, file: &Path) -> PathBuf {
-    let rel = file.strip_prefix("/").unwrap_or(file);
-    Path::new(&format!("/proc/{pid}/root")).join(rel)
+/// The root of a process of the pod that shows `file`, if any does.
+pub fn root_showing(pod_cgroup: &Path, file: &Path) -> Option<PodRoot> {
+    match pick_pid(pod_cgroup, file) {
+        Ok((pid, true)) => PodRoot::open(pid).ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +298,23 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_root_must_be_cgroup2_or_hold_the_unified_mount() {
+        let s = Scratch::new("notcg2");
+        assert!(matches!(
+            cgroup2_root(&s.0),
+            Err(PodCgroupError::NotCgroup2(_))
+        ));
+        // This machine's cgroup2 mount is accepted as is; its parent (on hybrid hosts the v1
+        // tmpfs) leads to it through `unified`.
+        let mount = crate::capture::find_cgroup2_mount().expect("a cgroup2 mount");
+        assert_eq!(cgroup2_root(&mount).unwrap(), mount);
+        if mount.file_name() == Some(std::ffi::OsStr::new("unified")) {
+            let parent = mount.parent().unwrap();
+            assert_eq!(cgroup2_root(parent).unwrap(), mount);
+        }
+    }
+
+    #[test]
     fn refuses_path_like_uids() {
         let s = Scratch::new("bad");
         for bad in ["../x", "", "a/b", "pod uid"] {
@@ -306,9 +355,8 @@ mod tests {
         fs::write(&file, "t").unwrap();
         assert_eq!(pick_pid(&pod, &file).unwrap(), (me, true));
         assert_eq!(pick_pid(&pod, &s.0.join("absent")).unwrap(), (me, false));
-        assert_eq!(
-            in_pod_root(7, Path::new("/var/run/x")),
-            Path::new("/proc/7/root/var/run/x")
-        );
+        // A directory is not a token file.
+        assert_eq!(pick_pid(&pod, &s.0).unwrap(), (me, false));
+        assert_eq!(root_showing(&pod, &file).map(|r| r.pid()), Some(me));
     }
 }
