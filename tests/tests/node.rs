@@ -116,6 +116,20 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
             pod_state(admin, uid).filter(|p| p["state"] == "captured")
         });
     }
+    // `robin await`'s exit status: 0 once captured, 1 when not captured in time (pod c is not
+    // annotated), 2 for bad arguments.
+    let awaited = wait_for("robin await to return", || awaiting.0.try_wait().unwrap());
+    assert_eq!(awaited.code(), Some(0), "{awaited}");
+    let status_of = |cgroup: &Cgroup, args: &[&str]| {
+        command_in(net_a.netns(), Some(cgroup), robin, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running robin await")
+            .code()
+    };
+    assert_eq!(status_of(&cg_c, &["await", "--timeout-secs", "1"]), Some(1));
+    assert_eq!(status_of(&cg_a, &["await", "--timeout-secs", "x"]), Some(2));
     let pods = debug_pods(admin);
     assert_eq!(
         pods.len(),
