@@ -378,6 +378,42 @@ mod tests {
         }
     }
 
+    /// In a pod's context every `file` source, also an `exchange`'s inner one, is a path in
+    /// the pod's root: the same absolute path in the agent's filesystem is never read.
+    #[tokio::test]
+    async fn file_sources_in_a_pod_context_read_inside_the_pod_root() {
+        use crate::podfs::{PodFs, PodRoot};
+        let dir = std::env::temp_dir().join(format!("robin-ident-podfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root/run")).unwrap();
+        std::fs::write(dir.join("root/run/token"), "pod-token").unwrap();
+        // What the path names in the agent's own view.
+        std::fs::write(dir.join("agent-token"), "agent-token").unwrap();
+        std::os::unix::fs::symlink(dir.join("agent-token"), dir.join("root/leak")).unwrap();
+        let fs = PodFs::new(PodRoot::at_dir(&dir.join("root"), 9), Box::new(|_| None));
+        let ctx = IdentityContext::new(CachePolicy::default()).in_pod_fs(fs);
+        let file = |p: &str| SourceConfig::File { path: p.into() };
+        let own = build_source_with(&file("/run/token"), &ctx).unwrap();
+        assert_eq!(own.token().await.unwrap().expose(), "pod-token");
+        let leak = build_source_with(&file("/leak"), &ctx).unwrap();
+        let err = leak.token().await.unwrap_err();
+        assert!(matches!(err, IdentityError::ReadInPod { .. }), "{err}");
+        let inner: SourceConfig = toml::from_str::<Rule>(
+            r#"source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https://sts/t", inner = { kind = "file", path = "/run/token" } }"#,
+        )
+        .unwrap()
+        .source;
+        let exchange = build_source_with(&inner, &ctx).unwrap();
+        assert!(
+            exchange
+                .describe()
+                .contains("inner=(file:/run/token (in the pod))"),
+            "{}",
+            exchange.describe()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn jwt_claims_are_read_without_verification() {
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD

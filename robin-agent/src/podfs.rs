@@ -115,6 +115,15 @@ impl PodRoot {
         self.pid
     }
 
+    /// Any directory standing in for a pod process's root, for tests.
+    #[cfg(test)]
+    pub(crate) fn at_dir(dir: &Path, pid: u32) -> Self {
+        Self {
+            dir: File::open(dir).expect("test root").into(),
+            pid,
+        }
+    }
+
     /// An `O_PATH` handle on `path` inside this root.
     pub fn locate(&self, path: &Path) -> io::Result<File> {
         open_in_root(&self.dir, path)
@@ -235,10 +244,7 @@ mod tests {
     }
 
     fn root_at(dir: &Path) -> PodRoot {
-        PodRoot {
-            dir: File::open(dir).unwrap().into(),
-            pid: 0,
-        }
+        PodRoot::at_dir(dir, 0)
     }
 
     #[test]

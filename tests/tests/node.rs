@@ -497,15 +497,15 @@ fn pod_sandbox_recreated_in_a_new_network_namespace_is_captured_there() {
     assert_eq!(pins.attached_cgroups(), vec![pod_cgroup_id(&cg)]);
 }
 
-/// Connects from inside the pod to `ip:port` for `secs` seconds (at most 4000 attempts) and
-/// counts how they ended: `{"ok": n, "refused": n, "other": n, "errors": [...]}`.
+/// Connects from inside the pod to `ip:port` until file `stop` exists (at most 20 s and 10,000
+/// attempts) and counts how they ended: `{"ok": n, "refused": n, "other": n, "errors": [...]}`.
 const CONNECT_LOOP: &str = r#"
-import json, socket, sys, time
-ip, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-end = time.monotonic() + secs
+import json, os, socket, sys, time
+ip, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + 20
 ok = refused = other = 0
 errors = []
-while time.monotonic() < end and ok + refused + other < 4000:
+while time.monotonic() < end and ok + refused + other < 10000 and not os.path.exists(stop):
     try:
         s = socket.create_connection((ip, port), timeout=2)
         s.close()
@@ -558,11 +558,12 @@ fn capture_ports_change_with_a_fixed_listener_port_refuses_nothing() {
     assert_eq!(view["listener_port"], 15001, "{view}");
 
     let upstream = net.topo.upstream_ip4.to_string();
+    let stop = dir.path().join("stop-connecting");
     let client = command_in(
         net.netns(),
         Some(&cg),
         "python3",
-        &["-c", CONNECT_LOOP, &upstream, "443", "4"],
+        &["-c", CONNECT_LOOP, &upstream, "443", stop.to_str().unwrap()],
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -582,6 +583,8 @@ fn capture_ports_change_with_a_fixed_listener_port_refuses_nothing() {
             "change {i}"
         );
     }
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(&stop, "").unwrap();
     let out = client.wait_with_output().expect("the connect loop");
     let counts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
