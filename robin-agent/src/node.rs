@@ -775,13 +775,7 @@ impl Reconciler {
         let cgroup = podcgroup::find(&self.cgroup_root, uid, qos)?;
         let (pid, token_visible) = podcgroup::pick_pid(&cgroup, &want.token_path)?;
         let netns = Arc::new(NetNs::open(format!("/proc/{pid}/ns/net"))?);
-        let fs = {
-            let cgroup = cgroup.clone();
-            PodFs::new(
-                PodRoot::open(pid)?,
-                Box::new(move |path| podcgroup::root_showing(&cgroup, path)),
-            )
-        };
+        let fs = pod_fs(&cgroup, pid)?;
         let identity = pod.identity();
         let proxy = self.pod_proxy(&identity, want, fs.clone(), netns.clone())?;
         let ports = want
@@ -834,20 +828,21 @@ impl Reconciler {
                 identity,
             },
         );
-        let mut view = self.view(pod, PodState::Captured, None);
-        view.rule_set = Some(want.rule_set.clone());
-        view.cgroup = Some(cgroup);
-        view.pid = Some(pid);
-        view.listener_port = Some(settings.listener_port);
-        view.ports = Some(ports);
-        view.token_path = Some(want.token_path.clone());
-        view.token_visible = Some(token_visible);
-        view.captured_at_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs());
-        view.adopted = Some(adopted);
-        Ok(view)
+        Ok(PodView {
+            rule_set: Some(want.rule_set.clone()),
+            cgroup: Some(cgroup),
+            pid: Some(pid),
+            listener_port: Some(settings.listener_port),
+            ports: Some(ports),
+            token_path: Some(want.token_path.clone()),
+            token_visible: Some(token_visible),
+            captured_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
+            adopted: Some(adopted),
+            ..self.view(pod, PodState::Captured, None)
+        })
     }
 
     /// The token is read through one process's view of the pod's filesystem: when that
@@ -865,16 +860,18 @@ impl Reconciler {
         let Some(c) = self.captured.get_mut(uid) else {
             return;
         };
-        // A source may have switched process itself (a file only another process sees).
+        // A source may have switched process itself (a file only another process sees): that
+        // one is checked like a new pick (its network namespace too).
         let current = c.fs.pid();
-        if current != c.pid {
+        let switched = current != c.pid;
+        if switched {
             c.pid = current;
             c.token_visible = PodRoot::open(current).is_ok_and(|r| r.is_file(&c.wanted.token_path));
             self.show_process(uid);
         }
         let c = &self.captured[uid];
         let alive = Path::new(&format!("/proc/{}", c.pid)).exists();
-        if !force && c.token_visible && alive {
+        if !force && !switched && c.token_visible && alive {
             return;
         }
         let Ok((pid, visible)) = podcgroup::pick_pid(&c.cgroup, &c.wanted.token_path) else {
@@ -1001,6 +998,16 @@ impl Reconciler {
         self.known.remove(uid);
         self.shared.pods.lock().expect("pods lock").remove(uid);
     }
+}
+
+/// The pod's filesystem as read through process `pid`, re-selectable among the processes of
+/// the pod cgroup (a source that cannot find a file asks for one that sees it).
+fn pod_fs(cgroup: &Path, pid: u32) -> Result<Arc<PodFs>, NodeError> {
+    let cgroup = cgroup.to_owned();
+    Ok(PodFs::new(
+        PodRoot::open(pid)?,
+        Box::new(move |path| podcgroup::root_showing(&cgroup, path)),
+    ))
 }
 
 async fn accept_loop(
