@@ -2,14 +2,14 @@
 //! request so a kubelet-style atomic swap (symlinked `..data` directory or rename) or an in-place
 //! rewrite is seen on the very next request, and re-read only when it changed.
 //!
-//! The check is one synchronous `open(O_PATH)` + `fstat` on the runtime worker, not a hop to
-//! tokio's blocking pool: projected volumes are tmpfs, pure in-memory lookups of a few µs, far
-//! cheaper than two `spawn_blocking` round trips per request (which the benchmark profile showed
-//! as a third of Robin's CPU). The content is read from that same handle, so what is cached is
-//! exactly the file whose version was checked.
+//! The check is one synchronous `stat` on the runtime worker, not a hop to tokio's blocking
+//! pool: projected volumes are tmpfs, pure in-memory lookups of a few µs, far cheaper than two
+//! `spawn_blocking` round trips per request (which the benchmark profile showed as a third of
+//! Robin's CPU).
 //!
-//! In node mode the path is a [`PodPath`]: resolved inside the pod's root (see [`crate::podfs`]),
-//! never in the agent's filesystem.
+//! In node mode the path is a [`PodPath`], resolved inside the pod's root (see [`crate::podfs`]),
+//! never in the agent's filesystem. There the check is `openat2(O_PATH)` + `fstat`, and a
+//! re-read reads through that same handle, so what is cached is exactly the file checked.
 use std::{
     fs::{File, Metadata},
     io::Read as _,
@@ -82,14 +82,29 @@ enum Location {
 }
 
 impl Location {
-    /// An `O_PATH` handle on the file as the path names it now (symlinks followed).
-    fn locate(&self) -> std::io::Result<File> {
+    /// What the path names now (symlinks followed): one `stat` for a local path; for a pod
+    /// path (which cannot be stat'ed without a lookup in the pod's root) `openat2` + `fstat`,
+    /// keeping the `O_PATH` handle so a re-read reads exactly the file checked.
+    fn probe(&self) -> std::io::Result<(Metadata, Option<File>)> {
         match self {
-            Self::Local(p) => File::options()
+            Self::Local(p) => Ok((std::fs::metadata(p)?, None)),
+            Self::InPod(p) => {
+                let handle = p.locate()?;
+                Ok((handle.metadata()?, Some(handle)))
+            }
+        }
+    }
+
+    /// Opens the file for reading: the one `handle` names, else the local path again, without
+    /// blocking (a FIFO swapped in meanwhile is refused by the check on the open descriptor).
+    fn open(&self, handle: Option<&File>) -> std::io::Result<File> {
+        match (self, handle) {
+            (_, Some(h)) => podfs::reopen_for_reading(h),
+            (Self::Local(p), None) => File::options()
                 .read(true)
-                .custom_flags(libc::O_PATH)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(p),
-            Self::InPod(p) => p.locate(),
+            (Self::InPod(p), None) => podfs::reopen_for_reading(&p.locate()?),
         }
     }
 }
@@ -174,8 +189,7 @@ impl FileSource {
 
     fn current(&self) -> Result<Token, IdentityError> {
         // The lookup follows symlinks, so a `..data` flip shows up as another inode.
-        let handle = self.path.locate().map_err(|e| self.read_err(e))?;
-        let meta = handle.metadata().map_err(|e| self.read_err(e))?;
+        let (meta, handle) = self.path.probe().map_err(|e| self.read_err(e))?;
         self.check(&meta)?;
         let seen = Version::of(&meta);
         {
@@ -187,17 +201,17 @@ impl FileSource {
                 return Ok(c.token.clone());
             }
         }
-        self.reread(&handle)
+        self.reread(handle.as_ref())
     }
 
     /// Reads the file `handle` names and caches the token under the version stat'ed on the open
     /// descriptor before reading: a change during or after the read moves the version, so the
     /// next request reads again.
-    fn reread(&self, handle: &File) -> Result<Token, IdentityError> {
+    fn reread(&self, handle: Option<&File>) -> Result<Token, IdentityError> {
         #[cfg(test)]
         self.reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut file = podfs::reopen_for_reading(handle).map_err(|e| self.read_err(e))?;
+        let mut file = self.path.open(handle).map_err(|e| self.read_err(e))?;
         let meta = file.metadata().map_err(|e| self.read_err(e))?;
         self.check(&meta)?;
         let version = Version::of(&meta);
