@@ -207,6 +207,13 @@ impl PodState {
     }
 }
 
+/// A container of the pod started, restarted or was replaced (by the pod watch): the process to
+/// read the pod's files through may have changed.
+pub fn containers_changed(old: &Pod, new: &Pod) -> bool {
+    old.status.container_statuses != new.status.container_statuses
+        || old.status.init_container_statuses != new.status.init_container_statuses
+}
+
 /// A pod as `/debug/pods` shows it. No token, no secret.
 #[derive(Clone, Debug, Serialize)]
 pub struct PodView {
@@ -619,10 +626,10 @@ impl Reconciler {
                 return;
             }
         };
-        let containers_changed = self.known.get(&uid).is_some_and(|old| {
-            old.status.container_statuses != pod.status.container_statuses
-                || old.status.init_container_statuses != pod.status.init_container_statuses
-        });
+        let containers_changed = self
+            .known
+            .get(&uid)
+            .is_some_and(|old| containers_changed(old, &pod));
         self.known.insert(uid.clone(), pod.clone());
         if let Some(c) = self.captured.get(&uid) {
             let (rules_changed, ports_changed) = (
@@ -1088,7 +1095,37 @@ mod tests {
             );
         }
         let mut done = pod(&[(ANN_INJECT, "true")]);
+        assert!(!containers_changed(&done, &done.clone()));
         done.status.phase = Some("Succeeded".into());
         assert!(wanted(&done).unwrap().is_none());
+    }
+
+    #[test]
+    fn container_starts_and_restarts_are_noticed() {
+        let at = |statuses: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"uid": "u"},
+                "status": statuses,
+            }))
+            .unwrap()
+        };
+        let pause_only = at(serde_json::json!({"phase": "Pending"}));
+        let init = at(serde_json::json!({"initContainerStatuses": [
+            {"name": "robin-await", "containerID": "containerd://1", "restartCount": 0, "started": true}
+        ]}));
+        let app = at(serde_json::json!({"containerStatuses": [
+            {"name": "app", "containerID": "containerd://2", "restartCount": 0, "started": true}
+        ]}));
+        let restarted = at(serde_json::json!({"containerStatuses": [
+            {"name": "app", "containerID": "containerd://3", "restartCount": 1, "started": false}
+        ]}));
+        assert!(containers_changed(&pause_only, &init));
+        assert!(containers_changed(&pause_only, &app));
+        assert!(containers_changed(&app, &restarted));
+        assert!(!containers_changed(&app, &app.clone()));
+        // Other status fields do not count.
+        let mut ready = app.clone();
+        ready.status.phase = Some("Running".into());
+        assert!(!containers_changed(&app, &ready));
     }
 }
