@@ -78,8 +78,6 @@ pub enum NodeError {
     #[error(transparent)]
     NetNs(#[from] capture::netns::NetNsError),
     #[error(transparent)]
-    PodFs(#[from] crate::podfs::PodFsError),
-    #[error(transparent)]
     Listener(#[from] capture::listener::ListenerError),
     #[error(transparent)]
     Capture(#[from] capture::ebpf::CaptureError),
@@ -780,9 +778,10 @@ impl Reconciler {
             .as_deref()
             .and_then(podcgroup::QosClass::parse);
         let cgroup = podcgroup::find(&self.cgroup_root, uid, qos)?;
-        let (pid, token_visible) = podcgroup::pick_pid(&cgroup, &want.token_path)?;
+        let (root, token_visible) = podcgroup::pick(&cgroup, &want.token_path)?;
+        let pid = root.pid();
         let netns = Arc::new(NetNs::open(format!("/proc/{pid}/ns/net"))?);
-        let fs = pod_fs(&cgroup, pid)?;
+        let fs = pod_fs(&cgroup, root);
         let identity = pod.identity();
         let proxy = self.pod_proxy(&identity, want, fs.clone(), netns.clone())?;
         let ports = want
@@ -881,9 +880,10 @@ impl Reconciler {
         if !force && !switched && c.token_visible && alive {
             return;
         }
-        let Ok((pid, visible)) = podcgroup::pick_pid(&c.cgroup, &c.wanted.token_path) else {
+        let Ok((root, visible)) = podcgroup::pick(&c.cgroup, &c.wanted.token_path) else {
             return;
         };
+        let pid = root.pid();
         // A recreated pod sandbox: same pod and cgroup, new network namespace. The listener
         // and upstream sockets must move there; capture again (the pinned links stay until
         // the new ones are in place, so connects meanwhile are refused, never direct).
@@ -897,13 +897,7 @@ impl Reconciler {
             return;
         }
         if pid != c.pid {
-            match PodRoot::open(pid) {
-                Ok(root) => c.fs.replace(root),
-                Err(e) => {
-                    tracing::warn!(uid, error = %e, "re-selecting the pod's process failed");
-                    return;
-                }
-            }
+            c.fs.replace(root);
             tracing::info!(uid, pid, token_visible = visible, "pod process re-selected");
         }
         let c = self.captured.get_mut(uid).expect("present");
@@ -1007,14 +1001,14 @@ impl Reconciler {
     }
 }
 
-/// The pod's filesystem as read through process `pid`, re-selectable among the processes of
-/// the pod cgroup (a source that cannot find a file asks for one that sees it).
-fn pod_fs(cgroup: &Path, pid: u32) -> Result<Arc<PodFs>, NodeError> {
+/// The pod's filesystem as read through `root`, re-selectable among the processes of the pod
+/// cgroup (a source that cannot find a file asks for one that sees it).
+fn pod_fs(cgroup: &Path, root: PodRoot) -> Arc<PodFs> {
     let cgroup = cgroup.to_owned();
-    Ok(PodFs::new(
-        PodRoot::open(pid)?,
+    PodFs::new(
+        root,
         Box::new(move |path| podcgroup::root_showing(&cgroup, path)),
-    ))
+    )
 }
 
 async fn accept_loop(

@@ -24,6 +24,8 @@ pub enum PodCgroupError {
     },
     #[error("pod cgroup {0} has no process yet")]
     NoProcess(PathBuf),
+    #[error("process {0} left the pod while it was being chosen")]
+    ProcessLeft(u32),
     #[error("reading {0}: {1}")]
     Io(PathBuf, #[source] io::Error),
     #[error("{0:?} is not a pod uid")]
@@ -186,25 +188,45 @@ pub fn pids(pod_cgroup: &Path) -> Result<Vec<u32>, PodCgroupError> {
 /// a pod that forks thousands from making each choice expensive.
 const MAX_PIDS_TRIED: usize = 64;
 
-/// A process of the pod whose root holds `file` as a regular file (the pause container has no
-/// volume mounts, an application container does), looked up inside that root
-/// ([`crate::podfs`]); failing that, any process (enough for the netns).
-pub fn pick_pid(pod_cgroup: &Path, file: &Path) -> Result<(u32, bool), PodCgroupError> {
+/// A process of the pod and its root, preferring one whose root holds `file` as a regular file
+/// (the pause container has no volume mounts, an application container does), looked up inside
+/// that root ([`crate::podfs`]); failing that, any process (enough for the netns).
+pub fn pick(pod_cgroup: &Path, file: &Path) -> Result<(PodRoot, bool), PodCgroupError> {
     let pids = pids(pod_cgroup)?;
+    let mut any = None;
     for &pid in pids.iter().take(MAX_PIDS_TRIED) {
-        if PodRoot::open(pid).is_ok_and(|root| root.is_file(file)) {
-            return Ok((pid, true));
+        let Ok(root) = PodRoot::open(pid) else {
+            continue;
+        };
+        if root.is_file(file) {
+            return still_in_pod(pod_cgroup, root, true);
         }
+        any.get_or_insert(root);
     }
-    pids.first()
-        .map(|&p| (p, false))
-        .ok_or_else(|| PodCgroupError::NoProcess(pod_cgroup.to_owned()))
+    match any {
+        Some(root) => still_in_pod(pod_cgroup, root, false),
+        None => Err(PodCgroupError::NoProcess(pod_cgroup.to_owned())),
+    }
+}
+
+/// The root was opened by pid: the pid still being in the pod's cgroup afterwards means it is
+/// the root of a process of the pod, not of one that reused the pid meanwhile.
+fn still_in_pod(
+    pod_cgroup: &Path,
+    root: PodRoot,
+    visible: bool,
+) -> Result<(PodRoot, bool), PodCgroupError> {
+    if pids(pod_cgroup)?.contains(&root.pid()) {
+        Ok((root, visible))
+    } else {
+        Err(PodCgroupError::ProcessLeft(root.pid()))
+    }
 }
 
 /// The root of a process of the pod that shows `file`, if any does.
 pub fn root_showing(pod_cgroup: &Path, file: &Path) -> Option<PodRoot> {
-    match pick_pid(pod_cgroup, file) {
-        Ok((pid, true)) => PodRoot::open(pid).ok(),
+    match pick(pod_cgroup, file) {
+        Ok((root, true)) => Some(root),
         _ => None,
     }
 }
@@ -338,25 +360,26 @@ mod tests {
         fs::write(pod.join("ctr-a/cgroup.procs"), "").unwrap();
         fs::write(pod.join("ctr-b/cgroup.procs"), "").unwrap();
         assert!(matches!(
-            pick_pid(&pod, Path::new("/x")),
+            pick(&pod, Path::new("/x")),
             Err(PodCgroupError::NoProcess(_))
         ));
     }
 
     #[test]
-    fn pick_pid_prefers_a_process_that_sees_the_file() {
+    fn pick_prefers_a_process_that_sees_the_file() {
         let s = Scratch::new("pick");
         let pod = s.0.join("pod");
         fs::create_dir_all(&pod).unwrap();
         let me = std::process::id();
-        // Pid 1's view is usually ours too; the file exists, so the first pid is taken.
         fs::write(pod.join("cgroup.procs"), format!("{me}\n")).unwrap();
         let file = s.0.join("token");
         fs::write(&file, "t").unwrap();
-        assert_eq!(pick_pid(&pod, &file).unwrap(), (me, true));
-        assert_eq!(pick_pid(&pod, &s.0.join("absent")).unwrap(), (me, false));
+        let picked = |f: &Path| pick(&pod, f).map(|(r, v)| (r.pid(), v)).unwrap();
+        assert_eq!(picked(&file), (me, true));
+        assert_eq!(picked(&s.0.join("absent")), (me, false));
         // A directory is not a token file.
-        assert_eq!(pick_pid(&pod, &s.0).unwrap(), (me, false));
+        assert_eq!(picked(&s.0), (me, false));
         assert_eq!(root_showing(&pod, &file).map(|r| r.pid()), Some(me));
+        assert!(root_showing(&pod, &s.0.join("absent")).is_none());
     }
 }
