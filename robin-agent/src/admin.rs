@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     metrics::{CLASS_LABELS, escape_label},
-    node::NodeShared,
+    node::{NodeShared, PodState},
 };
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -114,10 +114,15 @@ pub fn debug_pods(shared: &NodeShared) -> Result<String, AdminError> {
 /// Prometheus text exposition format 0.0.4.
 pub fn metrics(shared: &NodeShared) -> String {
     let t = shared.totals();
-    let (captured, pending) = {
+    let by_state: Vec<(String, u64)> = {
         let pods = shared.pods.lock().expect("pods lock");
-        let captured = pods.values().filter(|p| p.state == "captured").count();
-        (captured, pods.len() - captured)
+        PodState::ALL
+            .iter()
+            .map(|&s| {
+                let n = pods.values().filter(|p| p.state == s).count();
+                (format!("state=\"{}\"", s.as_str()), n as u64)
+            })
+            .collect()
     };
     let mut out = String::new();
     let header = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -156,11 +161,8 @@ pub fn metrics(shared: &NodeShared) -> String {
         &mut out,
         "robin_pods",
         "gauge",
-        "Opted-in pods on this node by capture state.",
-        &[
-            ("state=\"captured\"".into(), captured as u64),
-            ("state=\"not_captured\"".into(), pending as u64),
-        ],
+        "Opted-in pods on this node by state (the states of /debug/pods).",
+        &by_state,
     );
     family(
         &mut out,
@@ -283,7 +285,7 @@ mod tests {
                 namespace: "ns".into(),
                 name: "a".into(),
                 uid: "u1".into(),
-                state: "captured",
+                state: PodState::Captured,
                 error: None,
                 rule_set: Some("default".into()),
                 cgroup: None,
@@ -308,8 +310,11 @@ mod tests {
             assert_eq!(m.matches(&format!("# TYPE {family}\n")).count(), 1, "{m}");
         }
         assert!(m.contains("robin_pods{state=\"captured\"} 1\n"), "{m}");
+        assert!(m.contains("robin_pods{state=\"pending\"} 0\n"), "{m}");
+        assert!(m.contains("robin_pods{state=\"invalid\"} 0\n"), "{m}");
         assert!(m.contains("# TYPE robin_connections_total counter\n"));
         let pods = debug_pods(&shared).unwrap();
         assert!(pods.contains("\"listener_port\": 15001"), "{pods}");
+        assert!(pods.contains("\"state\": \"captured\""), "{pods}");
     }
 }

@@ -106,6 +106,13 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    /// A file inside a pod's root (`robin node`), or a path that would leave it.
+    #[error("reading {path}: {source}")]
+    ReadInPod {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid token from {origin}: {source}")]
     Invalid {
         origin: String,
@@ -187,6 +194,9 @@ pub struct IdentityContext {
     /// Default Workload API socket (`ROBIN_SPIFFE_SOCKET`), used when a rule names none.
     pub spiffe_socket: Option<PathBuf>,
     pub pod: Option<PodRef>,
+    /// `robin node`: the pod's filesystem. `file` sources (also an `exchange`'s inner one) are
+    /// then paths inside the pod's root, never the agent's.
+    pub pod_fs: Option<Arc<crate::podfs::PodFs>>,
 }
 
 /// Default Workload API socket for `spiffe` sources.
@@ -201,6 +211,7 @@ impl IdentityContext {
             service_account_dir: PathBuf::from(DEFAULT_SERVICE_ACCOUNT_DIR),
             spiffe_socket: None,
             pod: None,
+            pod_fs: None,
         }
     }
 
@@ -219,6 +230,14 @@ impl IdentityContext {
     pub fn for_pod(&self, pod: PodRef) -> Self {
         Self {
             pod: Some(pod),
+            ..self.clone()
+        }
+    }
+
+    /// The same context reading `file` sources inside the pod's root filesystem.
+    pub fn in_pod_fs(&self, fs: Arc<crate::podfs::PodFs>) -> Self {
+        Self {
+            pod_fs: Some(fs),
             ..self.clone()
         }
     }
@@ -244,7 +263,12 @@ pub fn build_source_with(
     ctx: &IdentityContext,
 ) -> Result<Arc<dyn IdentitySource>, IdentityError> {
     Ok(match cfg {
-        SourceConfig::File { path } => Arc::new(file::FileSource::new(path.clone())),
+        SourceConfig::File { path } => Arc::new(match &ctx.pod_fs {
+            Some(fs) => {
+                file::FileSource::in_pod(crate::podfs::PodPath::new(fs.clone(), path.clone()))
+            }
+            None => file::FileSource::new(path.clone()),
+        }),
         SourceConfig::TokenRequest(c) => Arc::new(token_request::TokenRequestSource::new(c, ctx)?),
         SourceConfig::Spiffe(c) => Arc::new(spiffe::SpiffeSource::new(c, ctx)?),
         SourceConfig::Exchange(c) => Arc::new(exchange::ExchangeSource::new(c, ctx)?),
@@ -352,6 +376,42 @@ mod tests {
         ] {
             assert!(toml::from_str::<Rule>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// In a pod's context every `file` source, also an `exchange`'s inner one, is a path in
+    /// the pod's root: the same absolute path in the agent's filesystem is never read.
+    #[tokio::test]
+    async fn file_sources_in_a_pod_context_read_inside_the_pod_root() {
+        use crate::podfs::{PodFs, PodRoot};
+        let dir = std::env::temp_dir().join(format!("robin-ident-podfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root/run")).unwrap();
+        std::fs::write(dir.join("root/run/token"), "pod-token").unwrap();
+        // What the path names in the agent's own view.
+        std::fs::write(dir.join("agent-token"), "agent-token").unwrap();
+        std::os::unix::fs::symlink(dir.join("agent-token"), dir.join("root/leak")).unwrap();
+        let fs = PodFs::new(PodRoot::at_dir(&dir.join("root"), 9), Box::new(|_| None));
+        let ctx = IdentityContext::new(CachePolicy::default()).in_pod_fs(fs);
+        let file = |p: &str| SourceConfig::File { path: p.into() };
+        let own = build_source_with(&file("/run/token"), &ctx).unwrap();
+        assert_eq!(own.token().await.unwrap().expose(), "pod-token");
+        let leak = build_source_with(&file("/leak"), &ctx).unwrap();
+        let err = leak.token().await.unwrap_err();
+        assert!(matches!(err, IdentityError::ReadInPod { .. }), "{err}");
+        let inner: SourceConfig = toml::from_str::<Rule>(
+            r#"source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https://sts/t", inner = { kind = "file", path = "/run/token" } }"#,
+        )
+        .unwrap()
+        .source;
+        let exchange = build_source_with(&inner, &ctx).unwrap();
+        assert!(
+            exchange
+                .describe()
+                .contains("inner=(file:/run/token (in the pod))"),
+            "{}",
+            exchange.describe()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod metrics;
 pub mod node;
 pub mod oidc_gateway;
+pub mod podfs;
 pub mod proxy;
 pub mod tls;
 pub mod webhook;

@@ -36,6 +36,7 @@ use crate::{
     },
     config::ConfigArgs,
     identity::{self, PodRef},
+    podfs::{PodFs, PodRoot},
     proxy::{Dialer, Limits, Proxy},
 };
 
@@ -179,14 +180,45 @@ pub fn wanted(pod: &Pod) -> Result<Option<Wanted>, NodeError> {
     }))
 }
 
+/// Where an opted-in pod stands: the `state` of `/debug/pods` and the label values of
+/// `robin_pods{state}`, one set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodState {
+    /// Capture attached, listener serving.
+    Captured,
+    /// Not captured yet (no cgroup, no process, unknown rule set...); retried every second.
+    Pending,
+    /// Opted in with annotations that cannot be used; waits for them to change.
+    Invalid,
+}
+
+impl PodState {
+    pub const ALL: [Self; 3] = [Self::Captured, Self::Pending, Self::Invalid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Captured => "captured",
+            Self::Pending => "pending",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+/// A container of the pod started, restarted or was replaced (by the pod watch): the process to
+/// read the pod's files through may have changed.
+pub fn containers_changed(old: &Pod, new: &Pod) -> bool {
+    old.status.container_statuses != new.status.container_statuses
+        || old.status.init_container_statuses != new.status.init_container_statuses
+}
+
 /// A pod as `/debug/pods` shows it. No token, no secret.
 #[derive(Clone, Debug, Serialize)]
 pub struct PodView {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// `captured`, `pending` (will retry) or `invalid` (bad annotations).
-    pub state: &'static str,
+    pub state: PodState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -300,7 +332,7 @@ impl NodeShared {
             .lock()
             .expect("pods lock")
             .values()
-            .filter(|p| p.state == "captured")
+            .filter(|p| p.state == PodState::Captured)
             .count()
     }
 
@@ -317,6 +349,8 @@ impl NodeShared {
 pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(&args.config)?;
     capture::check_capabilities(true).map_err(anyhow::Error::msg)?;
+    // Pod files are read only inside the pod's root; without openat2 that cannot be done.
+    crate::podfs::probe()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(crate::exec::MAX_BLOCKING_THREADS)
@@ -346,9 +380,10 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     );
     shared.programs_loaded.store(true, Ordering::Relaxed);
     let cgroup_root = match args.cgroup_root.clone().or(cfg.cgroup_root.clone()) {
-        Some(r) => r,
+        Some(r) => podcgroup::cgroup2_root(&r).context("checking the cgroup root")?,
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
     };
+    tracing::info!(cgroup_root = %cgroup_root.display(), "pod cgroups");
     let client = api_client(&args, |k| std::env::var(k).ok())
         .context("configuring the Kubernetes client")?;
 
@@ -450,8 +485,13 @@ struct Captured {
     proxy: watch::Sender<Proxy>,
     serve: JoinHandle<()>,
     netns: Arc<NetNs>,
+    /// The listener's port (the attachment redirects there); kept across a ports change.
+    listener_port: u16,
     cgroup: PathBuf,
-    /// The process whose filesystem view the pod's token is read through.
+    /// The pod's files are read inside the root of one of its processes; the proxy's sources
+    /// may switch it themselves (a file not found), the tick and container changes too.
+    fs: Arc<PodFs>,
+    /// The process `/debug/pods` shows.
     pid: u32,
     token_visible: bool,
     /// Who the pod is, for sources that act on its behalf (TokenRequest, delegated SPIFFE).
@@ -538,7 +578,7 @@ impl Reconciler {
         }
     }
 
-    fn view(&self, pod: &Pod, state: &'static str, error: Option<String>) -> PodView {
+    fn view(&self, pod: &Pod, state: PodState, error: Option<String>) -> PodView {
         PodView {
             namespace: pod.metadata.namespace.clone(),
             name: pod.metadata.name.clone(),
@@ -578,47 +618,33 @@ impl Reconciler {
                 // Opted in but unusable: keep any capture in place (never fail open), report.
                 tracing::warn!(pod = %pod.key(), error = %e, "invalid annotations");
                 if !self.captured.contains_key(&uid) {
-                    self.set_view(self.view(&pod, "invalid", Some(e.to_string())));
+                    self.set_view(self.view(&pod, PodState::Invalid, Some(e.to_string())));
                 }
                 self.known.remove(&uid);
                 return;
             }
         };
+        let containers_changed = self
+            .known
+            .get(&uid)
+            .is_some_and(|old| containers_changed(old, &pod));
         self.known.insert(uid.clone(), pod.clone());
         if let Some(c) = self.captured.get(&uid) {
-            if c.wanted == want {
-                return;
+            let (rules_changed, ports_changed) = (
+                c.wanted.rule_set != want.rule_set || c.wanted.token_path != want.token_path,
+                c.wanted.ports != want.ports,
+            );
+            if rules_changed {
+                self.swap_proxy(&pod, &want);
             }
-            if c.wanted.ports == want.ports {
-                // Same capture, new rules or token: swap the proxy, the kernel side stays.
-                match self.pod_proxy(&c.identity, &want, c.pid, c.netns.clone()) {
-                    Ok(proxy) => {
-                        let old = c.proxy.send_replace(proxy.clone());
-                        self.retire(&old);
-                        self.shared
-                            .proxies
-                            .lock()
-                            .expect("proxies lock")
-                            .insert(uid.clone(), proxy);
-                        let c = self.captured.get_mut(&uid).expect("present");
-                        c.wanted = want.clone();
-                        // The new token path may need another process's view.
-                        c.token_visible = false;
-                        if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
-                            v.rule_set = Some(want.rule_set.clone());
-                            v.token_path = Some(want.token_path.clone());
-                        }
-                        tracing::info!(pod = %pod.key(), "re-applied annotations");
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.key(), error = %e, "re-applying annotations failed; keeping the previous ones")
-                    }
-                }
-                return;
+            if ports_changed {
+                self.reattach(&pod, &want);
             }
-            // Ports changed: recapture. The old attachment stays until the new one is in
-            // place (connects meanwhile are refused, never sent direct).
-            self.recapture(&uid);
+            if containers_changed {
+                // A container started or restarted: its process may be the one that sees the
+                // pod's volumes, or the one we read through may be gone.
+                self.refresh_view(&uid, true);
+            }
             return;
         }
         match self.capture(&pod, &want) {
@@ -639,8 +665,82 @@ impl Reconciler {
                 if !same {
                     tracing::info!(pod = %pod.key(), error, "not captured yet; will retry");
                 }
-                self.set_view(self.view(&pod, "pending", Some(error)));
+                self.set_view(self.view(&pod, PodState::Pending, Some(error)));
             }
+        }
+    }
+
+    /// New rules or token path: a new proxy for the pod; the kernel side and the listener stay.
+    fn swap_proxy(&mut self, pod: &Pod, want: &Wanted) {
+        let uid = &pod.metadata.uid;
+        let c = &self.captured[uid];
+        let proxy = match self.pod_proxy(&c.identity, want, c.fs.clone(), c.netns.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), error = %e, "re-applying annotations failed; keeping the previous ones");
+                return;
+            }
+        };
+        let old = c.proxy.send_replace(proxy.clone());
+        self.retire(&old);
+        self.shared
+            .proxies
+            .lock()
+            .expect("proxies lock")
+            .insert(uid.clone(), proxy);
+        let c = self.captured.get_mut(uid).expect("present");
+        c.wanted.rule_set = want.rule_set.clone();
+        c.wanted.token_path = want.token_path.clone();
+        // The new token path may need another process's view.
+        c.token_visible = false;
+        if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(uid) {
+            v.rule_set = Some(want.rule_set.clone());
+            v.token_path = Some(want.token_path.clone());
+        }
+        tracing::info!(pod = %pod.key(), "re-applied annotations");
+    }
+
+    /// New capture ports: attach again with them, redirecting to the same listener, which
+    /// keeps serving (a fixed listener port could not be bound twice). The new links are in
+    /// place before the old ones go: no connect is refused or sent direct meanwhile.
+    fn reattach(&mut self, pod: &Pod, want: &Wanted) {
+        let uid = &pod.metadata.uid;
+        let Some(mut c) = self.captured.remove(uid) else {
+            return;
+        };
+        let ports = want
+            .ports
+            .clone()
+            .unwrap_or_else(|| self.cfg.base.capture.ports.clone());
+        let settings = CaptureSettings::new(ports.clone(), c.listener_port);
+        let cgroup = Cgroup::existing(c.cgroup.clone());
+        match self
+            .capturer
+            .attach_replacing(&cgroup, &settings, Some(c.attachment))
+        {
+            Ok(attachment) => {
+                c.attachment = attachment;
+                c.wanted.ports = want.ports.clone();
+                if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(uid) {
+                    v.ports = Some(ports);
+                }
+                tracing::info!(pod = %pod.key(), "capture ports changed");
+                self.captured.insert(uid.clone(), c);
+            }
+            Err(e) => match e.previous {
+                Some(previous) => {
+                    tracing::warn!(pod = %pod.key(), error = %e.error, "changing capture ports failed; keeping the previous ones");
+                    c.attachment = previous;
+                    self.captured.insert(uid.clone(), c);
+                }
+                None => {
+                    // The old links are gone too: capture from scratch (retried every second).
+                    tracing::warn!(pod = %pod.key(), error = %e.error, "changing capture ports failed; capturing again");
+                    c.serve.abort();
+                    self.retire_pod_proxy(uid);
+                    self.apply(pod.clone());
+                }
+            },
         }
     }
 
@@ -648,7 +748,7 @@ impl Reconciler {
         &self,
         pod: &PodRef,
         want: &Wanted,
-        pid: u32,
+        fs: Arc<PodFs>,
         netns: Arc<NetNs>,
     ) -> Result<Proxy, NodeError> {
         let set = self
@@ -656,9 +756,12 @@ impl Reconciler {
             .rule_sets
             .get(&want.rule_set)
             .ok_or_else(|| NodeError::UnknownRuleSet(want.rule_set.clone()))?;
-        let cfg = set.for_pod(pid, &want.token_path, want.ports.as_deref());
-        // The pod's own context over the one process-wide token cache.
-        let identity = identity::process_context().for_pod(pod.clone());
+        let cfg = set.for_pod(&want.token_path, want.ports.as_deref());
+        // The pod's own context over the one process-wide token cache, reading files inside
+        // the pod's root.
+        let identity = identity::process_context()
+            .for_pod(pod.clone())
+            .in_pod_fs(fs);
         Ok(Proxy::with_dialer_and_identity(
             &cfg,
             Limits::default(),
@@ -675,10 +778,12 @@ impl Reconciler {
             .as_deref()
             .and_then(podcgroup::QosClass::parse);
         let cgroup = podcgroup::find(&self.cgroup_root, uid, qos)?;
-        let (pid, token_visible) = podcgroup::pick_pid(&cgroup, &want.token_path)?;
+        let (root, token_visible) = podcgroup::pick(&cgroup, &want.token_path)?;
+        let pid = root.pid();
         let netns = Arc::new(NetNs::open(format!("/proc/{pid}/ns/net"))?);
+        let fs = pod_fs(&cgroup, root);
         let identity = pod.identity();
-        let proxy = self.pod_proxy(&identity, want, pid, netns.clone())?;
+        let proxy = self.pod_proxy(&identity, want, fs.clone(), netns.clone())?;
         let ports = want
             .ports
             .clone()
@@ -721,86 +826,91 @@ impl Reconciler {
                 proxy: proxy_tx,
                 serve,
                 netns,
+                listener_port: settings.listener_port,
                 cgroup: cgroup.clone(),
+                fs,
                 pid,
                 token_visible,
                 identity,
             },
         );
-        let mut view = self.view(pod, "captured", None);
-        view.rule_set = Some(want.rule_set.clone());
-        view.cgroup = Some(cgroup);
-        view.pid = Some(pid);
-        view.listener_port = Some(settings.listener_port);
-        view.ports = Some(ports);
-        view.token_path = Some(want.token_path.clone());
-        view.token_visible = Some(token_visible);
-        view.captured_at_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs());
-        view.adopted = Some(adopted);
-        Ok(view)
+        Ok(PodView {
+            rule_set: Some(want.rule_set.clone()),
+            cgroup: Some(cgroup),
+            pid: Some(pid),
+            listener_port: Some(settings.listener_port),
+            ports: Some(ports),
+            token_path: Some(want.token_path.clone()),
+            token_visible: Some(token_visible),
+            captured_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
+            adopted: Some(adopted),
+            ..self.view(pod, PodState::Captured, None)
+        })
     }
 
     /// The token is read through one process's view of the pod's filesystem: when that
     /// process exits (container restart) or could not see the token yet (only the pause
-    /// container was up), pick again and swap the proxy; the kernel side is untouched.
+    /// container was up), pick again. The proxy and the kernel side are untouched.
     fn refresh_views(&mut self) {
-        let stale: Vec<String> = self
-            .captured
-            .iter()
-            .filter(|(_, c)| !c.token_visible || !Path::new(&format!("/proc/{}", c.pid)).exists())
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        for uid in stale {
-            let c = &self.captured[&uid];
-            let Ok((pid, visible)) = podcgroup::pick_pid(&c.cgroup, &c.wanted.token_path) else {
-                continue;
-            };
-            if pid == c.pid {
-                // Same view: the proxy already reads through it.
-                let c = self.captured.get_mut(&uid).expect("present");
-                c.token_visible = visible;
-                if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
-                    v.token_visible = Some(visible);
-                }
-                continue;
-            }
-            // A recreated pod sandbox: same pod and cgroup, new network namespace. The listener
-            // and upstream sockets must move there; capture again (the pinned links stay until
-            // the new ones are in place, so connects meanwhile are refused, never direct).
-            let moved = match (NetNs::id_of(format!("/proc/{pid}/ns/net")), c.netns.id()) {
-                (Ok(new), Ok(old)) => new != old,
-                _ => false,
-            };
-            if moved {
-                tracing::info!(uid, pid, "pod network namespace changed; capturing again");
-                self.recapture(&uid);
-                continue;
-            }
-            let proxy = match self.pod_proxy(&c.identity, &c.wanted, pid, c.netns.clone()) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(uid, error = %e, "rebuilding the pod's proxy failed");
-                    continue;
-                }
-            };
-            let old = c.proxy.send_replace(proxy.clone());
-            self.retire(&old);
-            self.shared
-                .proxies
-                .lock()
-                .expect("proxies lock")
-                .insert(uid.clone(), proxy);
-            let c = self.captured.get_mut(&uid).expect("present");
-            c.pid = pid;
-            c.token_visible = visible;
-            if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(&uid) {
-                v.pid = Some(pid);
-                v.token_visible = Some(visible);
-            }
+        let uids: Vec<String> = self.captured.keys().cloned().collect();
+        for uid in uids {
+            self.refresh_view(&uid, false);
+        }
+    }
+
+    /// Re-selects the process of one captured pod when needed (`force`: a container changed).
+    fn refresh_view(&mut self, uid: &str, force: bool) {
+        let Some(c) = self.captured.get_mut(uid) else {
+            return;
+        };
+        // A source may have switched process itself (a file only another process sees): that
+        // one is checked like a new pick (its network namespace too).
+        let current = c.fs.pid();
+        let switched = current != c.pid;
+        if switched {
+            c.pid = current;
+            c.token_visible = PodRoot::open(current).is_ok_and(|r| r.is_file(&c.wanted.token_path));
+            self.show_process(uid);
+        }
+        let c = &self.captured[uid];
+        let alive = Path::new(&format!("/proc/{}", c.pid)).exists();
+        if !force && !switched && c.token_visible && alive {
+            return;
+        }
+        let Ok((root, visible)) = podcgroup::pick(&c.cgroup, &c.wanted.token_path) else {
+            return;
+        };
+        let pid = root.pid();
+        // A recreated pod sandbox: same pod and cgroup, new network namespace. The listener
+        // and upstream sockets must move there; capture again (the pinned links stay until
+        // the new ones are in place, so connects meanwhile are refused, never direct).
+        let moved = match (NetNs::id_of(format!("/proc/{pid}/ns/net")), c.netns.id()) {
+            (Ok(new), Ok(old)) => new != old,
+            _ => false,
+        };
+        if moved {
+            tracing::info!(uid, pid, "pod network namespace changed; capturing again");
+            self.recapture(uid);
+            return;
+        }
+        if pid != c.pid {
+            c.fs.replace(root);
             tracing::info!(uid, pid, token_visible = visible, "pod process re-selected");
+        }
+        let c = self.captured.get_mut(uid).expect("present");
+        c.pid = pid;
+        c.token_visible = visible;
+        self.show_process(uid);
+    }
+
+    fn show_process(&self, uid: &str) {
+        let c = &self.captured[uid];
+        if let Some(v) = self.shared.pods.lock().expect("pods lock").get_mut(uid) {
+            v.pid = Some(c.pid);
+            v.token_visible = Some(c.token_visible);
         }
     }
 
@@ -891,6 +1001,16 @@ impl Reconciler {
     }
 }
 
+/// The pod's filesystem as read through `root`, re-selectable among the processes of the pod
+/// cgroup (a source that cannot find a file asks for one that sees it).
+fn pod_fs(cgroup: &Path, root: PodRoot) -> Arc<PodFs> {
+    let cgroup = cgroup.to_owned();
+    PodFs::new(
+        root,
+        Box::new(move |path| podcgroup::root_showing(&cgroup, path)),
+    )
+}
+
 async fn accept_loop(
     listener: Arc<CapturedListener>,
     proxy: watch::Receiver<Proxy>,
@@ -969,7 +1089,37 @@ mod tests {
             );
         }
         let mut done = pod(&[(ANN_INJECT, "true")]);
+        assert!(!containers_changed(&done, &done.clone()));
         done.status.phase = Some("Succeeded".into());
         assert!(wanted(&done).unwrap().is_none());
+    }
+
+    #[test]
+    fn container_starts_and_restarts_are_noticed() {
+        let at = |statuses: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"uid": "u"},
+                "status": statuses,
+            }))
+            .unwrap()
+        };
+        let pause_only = at(serde_json::json!({"phase": "Pending"}));
+        let init = at(serde_json::json!({"initContainerStatuses": [
+            {"name": "robin-await", "containerID": "containerd://1", "restartCount": 0, "started": true}
+        ]}));
+        let app = at(serde_json::json!({"containerStatuses": [
+            {"name": "app", "containerID": "containerd://2", "restartCount": 0, "started": true}
+        ]}));
+        let restarted = at(serde_json::json!({"containerStatuses": [
+            {"name": "app", "containerID": "containerd://3", "restartCount": 1, "started": false}
+        ]}));
+        assert!(containers_changed(&pause_only, &init));
+        assert!(containers_changed(&pause_only, &app));
+        assert!(containers_changed(&app, &restarted));
+        assert!(!containers_changed(&app, &app.clone()));
+        // Other status fields do not count.
+        let mut ready = app.clone();
+        ready.status.phase = Some("Running".into());
+        assert!(!containers_changed(&app, &ready));
     }
 }

@@ -437,6 +437,34 @@ pub fn curl(topo_netns: &Netns, cgroup: &Cgroup, path: &str) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// `curl https://api.test/path` from inside `netns` and `cgroup`, and, as a process of a real
+/// container would be, inside the mount namespace of process `mounts_of` (see
+/// [`pod_process_with_mounts`]): the HTTP status (0 when no answer) and body, whatever the status.
+pub fn curl_status(netns: &Netns, cgroup: &Cgroup, mounts_of: u32, path: &str) -> (u16, String) {
+    let url = format!("https://{HOST}{path}");
+    let mnt = format!("--mount=/proc/{mounts_of}/ns/mnt");
+    let out = command_in(
+        netns,
+        Some(cgroup),
+        "nsenter",
+        &[
+            &mnt,
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    )
+    .output()
+    .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
 /// `GET path` on the admin plane: (status, body).
 pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -576,13 +604,46 @@ pub fn pod_process(netns: &Netns, cgroup: &Cgroup) -> ChildGuard {
     )
 }
 
+/// A container process of a pod with a mount namespace of its own, as a container has: `setup`
+/// (shell, e.g. mounting a tmpfs and writing a token into it) runs inside that namespace, then
+/// the process becomes `sleep 600`. Returns once the setup is done; the mounts are visible only
+/// through the process (`/proc/<pid>/root`), never in the test's own view.
+pub fn pod_process_with_mounts(netns: &Netns, cgroup: &Cgroup, setup: &str) -> ChildGuard {
+    let script = format!("set -e; {setup}; exec sleep 600");
+    let mut child = ChildGuard(
+        command_in(
+            netns,
+            Some(cgroup),
+            "unshare",
+            &["--mount", "--propagation", "private", "sh", "-c", &script],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting a pod process with its own mounts"),
+    );
+    // `ip netns exec`, `unshare` and `sh -c 'exec ...'` all exec: the pid stays the same.
+    let comm = format!("/proc/{}/comm", child.0.id());
+    wait_for("the pod process's mount setup", || {
+        if let Some(status) = child.0.try_wait().expect("polling the pod process") {
+            panic!("the pod process's setup failed ({status}): {setup}");
+        }
+        (std::fs::read_to_string(&comm).ok()?.trim() == "sleep").then_some(())
+    });
+    child
+}
+
 /// Writes a node config: Robin's CA, the upstream CA as extra roots, capture of port 443, and
 /// `rule_sets` (TOML).
 pub fn write_node_config(path: &Path, pki: &Pki, rule_sets: &str) {
+    write_node_config_with(path, pki, "", rule_sets);
+}
+
+/// [`write_node_config`] with more `[capture]` settings (TOML lines, e.g. `listener_port = 15001`).
+pub fn write_node_config_with(path: &Path, pki: &Pki, capture: &str, rule_sets: &str) {
     std::fs::write(
         path,
         format!(
-            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n\n{rule_sets}",
+            "[tls]\nca_cert = {:?}\nca_key = {:?}\nupstream_roots = {:?}\n\n[capture]\nports = [443]\n{capture}\n\n{rule_sets}",
             pki.file("robin-ca.crt"),
             pki.file("robin-ca.key"),
             pki.file("upstream-ca.crt"),

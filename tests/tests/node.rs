@@ -9,7 +9,7 @@ use robin_e2e::{
     node_fixture::{
         FakeApi, HOST, KubeletCgroups, PodNet, admin_get, curl, debug_pods, default_rule_set,
         free_port, metric, pod_cgroup_id, pod_json, pod_process, pod_state, pod_uid, start_agent,
-        wait_for, write_node_config,
+        wait_for, write_node_config, write_node_config_with,
     },
     require_privileges, robin_bin,
 };
@@ -116,6 +116,20 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
             pod_state(admin, uid).filter(|p| p["state"] == "captured")
         });
     }
+    // `robin await`'s exit status: 0 once captured, 1 when not captured in time (pod c is not
+    // annotated), 2 for bad arguments.
+    let awaited = wait_for("robin await to return", || awaiting.0.try_wait().unwrap());
+    assert_eq!(awaited.code(), Some(0), "{awaited}");
+    let status_of = |cgroup: &Cgroup, args: &[&str]| {
+        command_in(net_a.netns(), Some(cgroup), robin, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running robin await")
+            .code()
+    };
+    assert_eq!(status_of(&cg_c, &["await", "--timeout-secs", "1"]), Some(1));
+    assert_eq!(status_of(&cg_a, &["await", "--timeout-secs", "x"]), Some(2));
     let pods = debug_pods(admin);
     assert_eq!(
         pods.len(),
@@ -195,7 +209,9 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
         "two leaf certificates and responses: {m}"
     );
     assert_eq!(metric(&m, "robin_ready"), 1, "{m}");
-    assert_eq!(metric(&m, "robin_pods{state=\"not_captured\"}"), 2, "{m}");
+    // The states of /debug/pods, one set: `bad` is invalid, `unknown` pending.
+    assert_eq!(metric(&m, "robin_pods{state=\"pending\"}"), 1, "{m}");
+    assert_eq!(metric(&m, "robin_pods{state=\"invalid\"}"), 1, "{m}");
 
     // Annotation changed: the new token path applies.
     api.upsert(pod_json("a", &uid_a, "BestEffort", inject(&file_a2)));
@@ -479,4 +495,119 @@ fn pod_sandbox_recreated_in_a_new_network_namespace_is_captured_there() {
         "the request left from the new sandbox"
     );
     assert_eq!(pins.attached_cgroups(), vec![pod_cgroup_id(&cg)]);
+}
+
+/// Connects from inside the pod to `ip:port` until file `stop` exists (at most 20 s and 10,000
+/// attempts) and counts how they ended: `{"ok": n, "refused": n, "other": n, "errors": [...]}`.
+const CONNECT_LOOP: &str = r#"
+import json, os, socket, sys, time
+ip, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + 20
+ok = refused = other = 0
+errors = []
+while time.monotonic() < end and ok + refused + other < 10000 and not os.path.exists(stop):
+    try:
+        s = socket.create_connection((ip, port), timeout=2)
+        s.close()
+        ok += 1
+    except ConnectionRefusedError:
+        refused += 1
+    except OSError as e:
+        other += 1
+        errors.append(str(e))
+    time.sleep(0.002)
+print(json.dumps({"ok": ok, "refused": refused, "other": other, "errors": errors[:5]}))
+"#;
+
+/// With a fixed listener port (the shipped `listener_port = 15001`), changing a pod's capture
+/// ports keeps the bound listener: connects running meanwhile are never refused and the agent
+/// never tries to bind the port twice (before: "Address already in use" and up to a second of
+/// refused connects).
+#[test]
+fn capture_ports_change_with_a_fixed_listener_port_refuses_nothing() {
+    require_privileges();
+    let dir = TempDir::new("ports");
+    let pki = Pki::new(dir.path(), &[HOST]);
+    let net = PodNet::new(&pki, dir.path().join("up.log"));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "tok-ports.pod-alpha").unwrap();
+    let mut cgroups = KubeletCgroups::new();
+    let uid = pod_uid();
+    let cg = cgroups.systemd(&uid, "besteffort", "cri-containerd-a");
+    let _pod = pod_process(net.netns(), &cg);
+    let config = dir.path().join("node.toml");
+    write_node_config_with(&config, &pki, "listener_port = 15001", &default_rule_set());
+    let api = FakeApi::start();
+    api.open();
+    let pod = |ports: &str| {
+        pod_json(
+            "a",
+            &uid,
+            "BestEffort",
+            json!({"robin.dev/inject": "true", "robin.dev/token-path": token_file.to_str().unwrap(), "robin.dev/capture-ports": ports}),
+        )
+    };
+    api.upsert(pod("443"));
+    let pins = BpfPins::new();
+    let admin = free_port();
+    let log = dir.path().join("agent.log");
+    let _agent = start_agent(&api, &config, &cgroups, &pins, admin, "info", &log);
+    let view = wait_for("pod captured", || {
+        pod_state(admin, &uid).filter(|p| p["state"] == "captured")
+    });
+    assert_eq!(view["listener_port"], 15001, "{view}");
+
+    let upstream = net.topo.upstream_ip4.to_string();
+    let stop = dir.path().join("stop-connecting");
+    let client = command_in(
+        net.netns(),
+        Some(&cg),
+        "python3",
+        &["-c", CONNECT_LOOP, &upstream, "443", stop.to_str().unwrap()],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("starting the connect loop");
+    // Three changes while the loop runs.
+    for (i, ports) in ["443,8443", "443", "443,9443"].into_iter().enumerate() {
+        thread::sleep(Duration::from_millis(600));
+        api.upsert(pod(ports));
+        let want: Vec<u16> = ports.split(',').map(|p| p.parse().unwrap()).collect();
+        wait_for("new capture ports", || {
+            pod_state(admin, &uid).filter(|p| p["ports"] == json!(want) && p["state"] == "captured")
+        });
+        assert_eq!(
+            pod_state(admin, &uid).unwrap()["listener_port"],
+            15001,
+            "change {i}"
+        );
+    }
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(&stop, "").unwrap();
+    let out = client.wait_with_output().expect("the connect loop");
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "connect loop output ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        counts["ok"].as_u64().unwrap() > 100,
+        "the loop hardly ran: {counts}"
+    );
+    assert_eq!(
+        (counts["refused"].as_u64(), counts["other"].as_u64()),
+        (Some(0), Some(0)),
+        "connects failed while the capture ports changed: {counts}\n{logs}"
+    );
+    assert!(
+        !logs.contains("Address already in use"),
+        "the listener port was bound twice:\n{logs}"
+    );
+    // Still served, with the token, on the port that stayed captured.
+    let seen = curl(net.netns(), &cg, "/after");
+    assert_eq!(seen["authorization"], json!(["Bearer tok-ports.pod-alpha"]));
 }

@@ -2,20 +2,25 @@
 //! request so a kubelet-style atomic swap (symlinked `..data` directory or rename) or an in-place
 //! rewrite is seen on the very next request, and re-read only when it changed.
 //!
-//! The check is one synchronous `stat` on the runtime worker, not a hop to tokio's blocking pool:
-//! projected volumes are tmpfs and, in node mode, the path goes through `/proc/<pid>/root/...`,
-//! both pure in-memory lookups of a few µs, far cheaper than two `spawn_blocking` round trips per
-//! request (which the benchmark profile showed as a third of Robin's CPU).
+//! The check is one synchronous `stat` on the runtime worker, not a hop to tokio's blocking
+//! pool: projected volumes are tmpfs, pure in-memory lookups of a few µs, far cheaper than two
+//! `spawn_blocking` round trips per request (which the benchmark profile showed as a third of
+//! Robin's CPU).
+//!
+//! In node mode the path is a [`PodPath`], resolved inside the pod's root (see [`crate::podfs`]),
+//! never in the agent's filesystem. There the check is `openat2(O_PATH)` + `fstat`, and a
+//! re-read reads through that same handle, so what is cached is exactly the file checked.
 use std::{
     fs::{File, Metadata},
     io::Read as _,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::PathBuf,
     sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use super::{IdentityError, IdentitySource, Token, TokenFuture};
+use crate::podfs::{self, PodPath};
 
 /// Files larger than this are not tokens; refuse rather than read them into memory.
 const MAX_FILE_LEN: u64 = 64 * 1024;
@@ -67,9 +72,55 @@ struct Cached {
     token: Token,
 }
 
+/// Where the token file is.
+#[derive(Debug)]
+enum Location {
+    /// A path of this process's filesystem (`robin exec`).
+    Local(PathBuf),
+    /// A path inside a pod's root (`robin node`).
+    InPod(PodPath),
+}
+
+impl Location {
+    /// What the path names now (symlinks followed): one `stat` for a local path; for a pod
+    /// path (which cannot be stat'ed without a lookup in the pod's root) `openat2` + `fstat`,
+    /// keeping the `O_PATH` handle so a re-read reads exactly the file checked.
+    fn probe(&self) -> std::io::Result<(Metadata, Option<File>)> {
+        match self {
+            Self::Local(p) => Ok((std::fs::metadata(p)?, None)),
+            Self::InPod(p) => {
+                let handle = p.locate()?;
+                Ok((handle.metadata()?, Some(handle)))
+            }
+        }
+    }
+
+    /// Opens the file for reading: the one `handle` names, else the local path again, without
+    /// blocking (a FIFO swapped in meanwhile is refused by the check on the open descriptor).
+    fn open(&self, handle: Option<&File>) -> std::io::Result<File> {
+        match (self, handle) {
+            (_, Some(h)) => podfs::reopen_for_reading(h),
+            (Self::Local(p), None) => File::options()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p),
+            (Self::InPod(p), None) => podfs::reopen_for_reading(&p.locate()?),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => p.display().fmt(f),
+            Self::InPod(p) => p.fmt(f),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct FileSource {
-    path: PathBuf,
+    path: Location,
     cached: Mutex<Option<Cached>>,
     racy_window: Duration,
     #[cfg(test)]
@@ -86,6 +137,15 @@ impl std::fmt::Debug for Cached {
 
 impl FileSource {
     pub fn new(path: PathBuf) -> Self {
+        Self::at(Location::Local(path))
+    }
+
+    /// A token file inside a pod's root filesystem.
+    pub fn in_pod(path: PodPath) -> Self {
+        Self::at(Location::InPod(path))
+    }
+
+    fn at(path: Location) -> Self {
         Self {
             path,
             cached: Mutex::new(None),
@@ -96,25 +156,41 @@ impl FileSource {
     }
 
     fn read_err(&self, source: std::io::Error) -> IdentityError {
-        IdentityError::Read {
-            path: self.path.clone(),
-            source,
+        match &self.path {
+            Location::Local(path) => IdentityError::Read {
+                path: path.clone(),
+                source,
+            },
+            Location::InPod(path) => IdentityError::ReadInPod {
+                path: path.to_string(),
+                source,
+            },
         }
     }
 
-    fn too_large(&self, len: u64) -> IdentityError {
-        IdentityError::Unavailable(format!(
-            "{} is {len} bytes, larger than a token can be",
-            self.path.display()
-        ))
+    /// Refuses what is not a token file: too large to be one, or not a regular file (a FIFO
+    /// would block the reader, a device could have side effects).
+    fn check(&self, meta: &Metadata) -> Result<(), IdentityError> {
+        if !meta.is_file() {
+            return Err(IdentityError::Unavailable(format!(
+                "{} is not a regular file",
+                self.path
+            )));
+        }
+        if meta.len() > MAX_FILE_LEN {
+            return Err(IdentityError::Unavailable(format!(
+                "{} is {} bytes, larger than a token can be",
+                self.path,
+                meta.len()
+            )));
+        }
+        Ok(())
     }
 
     fn current(&self) -> Result<Token, IdentityError> {
-        // `metadata` follows symlinks, so a `..data` flip shows up as another inode.
-        let meta = std::fs::metadata(&self.path).map_err(|e| self.read_err(e))?;
-        if meta.len() > MAX_FILE_LEN {
-            return Err(self.too_large(meta.len()));
-        }
+        // The lookup follows symlinks, so a `..data` flip shows up as another inode.
+        let (meta, handle) = self.path.probe().map_err(|e| self.read_err(e))?;
+        self.check(&meta)?;
         let seen = Version::of(&meta);
         {
             // A poisoned lock only means a panic elsewhere; the cached pair is still whole.
@@ -125,21 +201,19 @@ impl FileSource {
                 return Ok(c.token.clone());
             }
         }
-        self.reread()
+        self.reread(handle.as_ref())
     }
 
-    /// Reads the file and caches the token under the version stat'ed on the open descriptor
-    /// before reading: a change during or after the read moves the version, so the next request
-    /// reads again.
-    fn reread(&self) -> Result<Token, IdentityError> {
+    /// Reads the file `handle` names and caches the token under the version stat'ed on the open
+    /// descriptor before reading: a change during or after the read moves the version, so the
+    /// next request reads again.
+    fn reread(&self, handle: Option<&File>) -> Result<Token, IdentityError> {
         #[cfg(test)]
         self.reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut file = File::open(&self.path).map_err(|e| self.read_err(e))?;
+        let mut file = self.path.open(handle).map_err(|e| self.read_err(e))?;
         let meta = file.metadata().map_err(|e| self.read_err(e))?;
-        if meta.len() > MAX_FILE_LEN {
-            return Err(self.too_large(meta.len()));
-        }
+        self.check(&meta)?;
         let version = Version::of(&meta);
         let mut raw = String::new();
         file.by_ref()
@@ -169,7 +243,7 @@ impl FileSource {
 
 impl IdentitySource for FileSource {
     fn describe(&self) -> String {
-        format!("file:{}", self.path.display())
+        format!("file:{}", self.path)
     }
 
     fn token(&self) -> TokenFuture<'_> {
@@ -315,6 +389,18 @@ mod tests {
             src.token().await,
             Err(IdentityError::Unavailable(_))
         ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fifo_or_directory_is_refused_without_blocking() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR).unwrap();
+        for path in [fifo, dir.clone()] {
+            let err = FileSource::new(path).token().await.unwrap_err();
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

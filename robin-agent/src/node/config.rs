@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Every rule set is validated at start-up exactly as `robin exec` validates its `[[inject]]`.
-//! `file` sources (explicit or the default) are read through the pod's filesystem view,
-//! `/proc/<pid>/root/<path>`.
+//! `file` sources (explicit or the default, also an `exchange`'s inner one) are paths inside the
+//! pod: the pod's identity context resolves them in the pod's root (`crate::podfs`).
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -152,32 +152,21 @@ pub fn from_toml(
     })
 }
 
-/// Points `file` sources, at any depth, at the pod's filesystem: an exchange over a file read
-/// on the node would trade the same token for every pod.
-fn read_in_pod(source: &mut SourceConfig, pid: u32) {
-    match source {
-        SourceConfig::File { path } => *path = super::podcgroup::in_pod_root(pid, path),
-        SourceConfig::Exchange(x) => read_in_pod(&mut x.inner, pid),
-        SourceConfig::TokenRequest(_) | SourceConfig::Spiffe(_) => {}
-    }
-}
-
 fn first_line(msg: &str) -> String {
     msg.lines().next().unwrap_or_default().to_owned()
 }
 
 impl RuleSet {
-    /// The config for one pod: the pod's own token at `token_path`, every `file` source read
-    /// through process `pid`'s filesystem view (also the inner one of an `exchange`), and the
-    /// pod's capture ports if it names any.
-    pub fn for_pod(&self, pid: u32, token_path: &Path, ports: Option<&[u16]>) -> Config {
+    /// The config for one pod: the pod's own token at `token_path` and the pod's capture ports
+    /// if it names any. Paths stay the pod's own: built in the pod's identity context, every
+    /// `file` source is read inside the pod's root.
+    pub fn for_pod(&self, token_path: &Path, ports: Option<&[u16]>) -> Config {
         let mut cfg = self.config.clone();
         for (rule, &own) in cfg.inject.iter_mut().zip(&self.pod_token) {
-            match &mut rule.source {
-                SourceConfig::File { path } if own => {
-                    *path = super::podcgroup::in_pod_root(pid, token_path);
-                }
-                source => read_in_pod(source, pid),
+            if let SourceConfig::File { path } = &mut rule.source
+                && own
+            {
+                *path = token_path.to_owned();
             }
         }
         if let Some(ports) = ports {
@@ -249,17 +238,17 @@ source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https:
         assert_eq!(cfg.rule_sets["empty"].config.inject.len(), 0);
         let set = &cfg.rule_sets["default"];
         assert_eq!(set.pod_token, vec![true, false, false]);
-        let pod = set.for_pod(42, Path::new("/run/t/tok"), Some(&[8443]));
+        let pod = set.for_pod(Path::new("/run/t/tok"), Some(&[8443]));
         assert_eq!(
             pod.inject[0].source,
             SourceConfig::File {
-                path: PathBuf::from("/proc/42/root/run/t/tok")
+                path: PathBuf::from("/run/t/tok")
             }
         );
         assert_eq!(
             pod.inject[1].source,
             SourceConfig::File {
-                path: PathBuf::from("/proc/42/root/etc/other-token")
+                path: PathBuf::from("/etc/other-token")
             }
         );
         let SourceConfig::Exchange(x) = &pod.inject[2].source else {
@@ -268,14 +257,11 @@ source = { kind = "exchange", grant = "token_exchange", token_endpoint = "https:
         assert_eq!(
             *x.inner,
             SourceConfig::File {
-                path: PathBuf::from("/proc/42/root/etc/subject")
+                path: PathBuf::from("/etc/subject")
             }
         );
         assert_eq!(pod.capture.ports, vec![8443]);
-        assert_eq!(
-            set.for_pod(1, Path::new("/t"), None).capture.ports,
-            vec![443]
-        );
+        assert_eq!(set.for_pod(Path::new("/t"), None).capture.ports, vec![443]);
     }
 
     #[test]

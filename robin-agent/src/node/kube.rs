@@ -104,6 +104,20 @@ pub struct PodSpec {
 pub struct PodStatus {
     pub qos_class: Option<String>,
     pub phase: Option<String>,
+    /// Read only to notice a container starting or restarting: its process is then the one
+    /// whose filesystem view holds the pod's volumes.
+    pub container_statuses: Vec<ContainerStatus>,
+    pub init_container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContainerStatus {
+    pub name: String,
+    #[serde(rename = "containerID")]
+    pub container_id: Option<String>,
+    pub restart_count: u32,
+    pub started: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]

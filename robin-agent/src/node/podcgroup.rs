@@ -12,6 +12,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::podfs::PodRoot;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodCgroupError {
     #[error("no cgroup for pod {uid} under {root} (tried {tried})")]
@@ -22,10 +24,16 @@ pub enum PodCgroupError {
     },
     #[error("pod cgroup {0} has no process yet")]
     NoProcess(PathBuf),
+    #[error("process {0} left the pod while it was being chosen")]
+    ProcessLeft(u32),
     #[error("reading {0}: {1}")]
     Io(PathBuf, #[source] io::Error),
     #[error("{0:?} is not a pod uid")]
     BadUid(String),
+    #[error(
+        "{0} is not a cgroup2 mount, and has no cgroup2 `unified` directory (on hybrid-cgroup hosts point ROBIN_CGROUP_ROOT at the cgroup2 mount)"
+    )]
+    NotCgroup2(PathBuf),
 }
 
 /// `status.qosClass` of a pod.
@@ -119,6 +127,26 @@ pub fn find(root: &Path, uid: &str, qos: Option<QosClass>) -> Result<PathBuf, Po
     })
 }
 
+fn is_cgroup2(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup2 directory to look for pods under, given the configured root. On hybrid-cgroup
+/// hosts `/sys/fs/cgroup` holds the v1 controllers and cgroup2 is mounted at
+/// `/sys/fs/cgroup/unified`; a root that is not cgroup2 but has such a child means that child.
+pub fn cgroup2_root(root: &Path) -> Result<PathBuf, PodCgroupError> {
+    if is_cgroup2(root) {
+        return Ok(root.to_owned());
+    }
+    let unified = root.join("unified");
+    if is_cgroup2(&unified) {
+        tracing::info!(configured = %root.display(), using = %unified.display(), "hybrid cgroup layout: using the cgroup2 mount");
+        return Ok(unified);
+    }
+    Err(PodCgroupError::NotCgroup2(root.to_owned()))
+}
+
 /// Most cgroups visited below a pod (pod → containers is two levels in practice).
 const MAX_CGROUPS_VISITED: usize = 64;
 
@@ -156,25 +184,51 @@ pub fn pids(pod_cgroup: &Path) -> Result<Vec<u32>, PodCgroupError> {
     Ok(out)
 }
 
-/// A process of the pod whose filesystem view holds `file` (the pause container has no volume
-/// mounts, an application container does); failing that, any process (enough for the netns).
-pub fn pick_pid(pod_cgroup: &Path, file: &Path) -> Result<(u32, bool), PodCgroupError> {
+/// Most processes of a pod looked at when choosing one: a pod runs a handful; the bound keeps
+/// a pod that forks thousands from making each choice expensive.
+const MAX_PIDS_TRIED: usize = 64;
+
+/// A process of the pod and its root, preferring one whose root holds `file` as a regular file
+/// (the pause container has no volume mounts, an application container does), looked up inside
+/// that root ([`crate::podfs`]); failing that, any process (enough for the netns).
+pub fn pick(pod_cgroup: &Path, file: &Path) -> Result<(PodRoot, bool), PodCgroupError> {
     let pids = pids(pod_cgroup)?;
-    let rel = file.strip_prefix("/").unwrap_or(file);
-    for &pid in &pids {
-        if Path::new(&format!("/proc/{pid}/root")).join(rel).is_file() {
-            return Ok((pid, true));
+    let mut any = None;
+    for &pid in pids.iter().take(MAX_PIDS_TRIED) {
+        let Ok(root) = PodRoot::open(pid) else {
+            continue;
+        };
+        if root.is_file(file) {
+            return still_in_pod(pod_cgroup, root, true);
         }
+        any.get_or_insert(root);
     }
-    pids.first()
-        .map(|&p| (p, false))
-        .ok_or_else(|| PodCgroupError::NoProcess(pod_cgroup.to_owned()))
+    match any {
+        Some(root) => still_in_pod(pod_cgroup, root, false),
+        None => Err(PodCgroupError::NoProcess(pod_cgroup.to_owned())),
+    }
 }
 
-/// `file` as seen by process `pid`.
-pub fn in_pod_root(pid: u32, file: &Path) -> PathBuf {
-    let rel = file.strip_prefix("/").unwrap_or(file);
-    Path::new(&format!("/proc/{pid}/root")).join(rel)
+/// The root was opened by pid: the pid still being in the pod's cgroup afterwards means it is
+/// the root of a process of the pod, not of one that reused the pid meanwhile.
+fn still_in_pod(
+    pod_cgroup: &Path,
+    root: PodRoot,
+    visible: bool,
+) -> Result<(PodRoot, bool), PodCgroupError> {
+    if pids(pod_cgroup)?.contains(&root.pid()) {
+        Ok((root, visible))
+    } else {
+        Err(PodCgroupError::ProcessLeft(root.pid()))
+    }
+}
+
+/// The root of a process of the pod that shows `file`, if any does.
+pub fn root_showing(pod_cgroup: &Path, file: &Path) -> Option<PodRoot> {
+    match pick(pod_cgroup, file) {
+        Ok((root, true)) => Some(root),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +320,23 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_root_must_be_cgroup2_or_hold_the_unified_mount() {
+        let s = Scratch::new("notcg2");
+        assert!(matches!(
+            cgroup2_root(&s.0),
+            Err(PodCgroupError::NotCgroup2(_))
+        ));
+        // This machine's cgroup2 mount is accepted as is; its parent (on hybrid hosts the v1
+        // tmpfs) leads to it through `unified`.
+        let mount = crate::capture::find_cgroup2_mount().expect("a cgroup2 mount");
+        assert_eq!(cgroup2_root(&mount).unwrap(), mount);
+        if mount.file_name() == Some(std::ffi::OsStr::new("unified")) {
+            let parent = mount.parent().unwrap();
+            assert_eq!(cgroup2_root(parent).unwrap(), mount);
+        }
+    }
+
+    #[test]
     fn refuses_path_like_uids() {
         let s = Scratch::new("bad");
         for bad in ["../x", "", "a/b", "pod uid"] {
@@ -289,26 +360,26 @@ mod tests {
         fs::write(pod.join("ctr-a/cgroup.procs"), "").unwrap();
         fs::write(pod.join("ctr-b/cgroup.procs"), "").unwrap();
         assert!(matches!(
-            pick_pid(&pod, Path::new("/x")),
+            pick(&pod, Path::new("/x")),
             Err(PodCgroupError::NoProcess(_))
         ));
     }
 
     #[test]
-    fn pick_pid_prefers_a_process_that_sees_the_file() {
+    fn pick_prefers_a_process_that_sees_the_file() {
         let s = Scratch::new("pick");
         let pod = s.0.join("pod");
         fs::create_dir_all(&pod).unwrap();
         let me = std::process::id();
-        // Pid 1's view is usually ours too; the file exists, so the first pid is taken.
         fs::write(pod.join("cgroup.procs"), format!("{me}\n")).unwrap();
         let file = s.0.join("token");
         fs::write(&file, "t").unwrap();
-        assert_eq!(pick_pid(&pod, &file).unwrap(), (me, true));
-        assert_eq!(pick_pid(&pod, &s.0.join("absent")).unwrap(), (me, false));
-        assert_eq!(
-            in_pod_root(7, Path::new("/var/run/x")),
-            Path::new("/proc/7/root/var/run/x")
-        );
+        let picked = |f: &Path| pick(&pod, f).map(|(r, v)| (r.pid(), v)).unwrap();
+        assert_eq!(picked(&file), (me, true));
+        assert_eq!(picked(&s.0.join("absent")), (me, false));
+        // A directory is not a token file.
+        assert_eq!(picked(&s.0), (me, false));
+        assert_eq!(root_showing(&pod, &file).map(|r| r.pid()), Some(me));
+        assert!(root_showing(&pod, &s.0.join("absent")).is_none());
     }
 }

@@ -5,6 +5,8 @@
 //! on a captured port. Once the pod is captured the kernel redirects it to the agent's listener
 //! in the pod, and the agent answers [`PROBE_ANSWER`] instead of proxying. Before that the
 //! connect fails or times out, and the probe is retried until the deadline.
+//!
+//! Exit status: `0` captured, `1` not captured within `--timeout-secs`, `2` bad arguments.
 use std::{
     io::Read,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
@@ -67,8 +69,19 @@ pub fn wait(args: &AwaitArgs) -> Result<(), AwaitError> {
     }
 }
 
+/// Exit status when the pod was not captured in time (the kubelet then restarts the init
+/// container). `0`: captured; `2`: bad arguments (from the argument parser).
+pub const EXIT_NOT_CAPTURED: u8 = 1;
+
 pub fn main(args: AwaitArgs) -> anyhow::Result<ExitCode> {
-    wait(&args)?;
-    tracing::info!(port = args.port, "pod captured");
-    Ok(ExitCode::SUCCESS)
+    match wait(&args) {
+        Ok(()) => {
+            tracing::info!(port = args.port, "pod captured");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(port = args.port, "{e}");
+            Ok(ExitCode::from(EXIT_NOT_CAPTURED))
+        }
+    }
 }
