@@ -205,6 +205,16 @@ pub fn metrics(shared: &NodeShared) -> String {
             .map(|(rule, r)| (rule_label(rule), r.identity_errors))
             .collect::<Vec<_>>(),
     );
+    family(
+        &mut out,
+        "robin_audience_mismatches_total",
+        "counter",
+        "Requests answered 503 because the token's aud claim was not the audience the rule expects.",
+        &t.rules
+            .iter()
+            .map(|(rule, r)| (rule_label(rule), r.audience_mismatches))
+            .collect::<Vec<_>>(),
+    );
     header(
         &mut out,
         "robin_identity_fetch_seconds",
