@@ -38,9 +38,20 @@ fn conns(up: &Upstream) -> u64 {
 /// TLS origination, Robin sent the token to it in clear text.
 #[tokio::test]
 async fn ruled_host_dialled_at_another_address_gets_no_token() {
-    // The attacker's server answers on the dialled address, plain and on the TLS port alike.
     let attacker = upstream_plain().await;
     let env = Env::new("exfil");
+    // Default rule: TLS is originated to the dialled IP on port 443, where nothing answers.
+    let proxy = env.proxy();
+    let addr = front(proxy.clone(), attacker.addr).await;
+    let mut send = within(plain(addr)).await;
+    let resp = within(send.send_request(get("/steal", HOST)))
+        .await
+        .unwrap();
+    assert_eq!(header(&resp, "x-seen-auth"), "", "token sent in clear text");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(attacker.requests(), 0);
+
+    // The attacker's server answers on the TLS port too: it gets a ClientHello, no request.
     let proxy = env.rule_proxy(&tls_port(attacker.addr.port()));
     let addr = front(proxy.clone(), attacker.addr).await;
     let mut send = within(plain(addr)).await;
@@ -50,16 +61,6 @@ async fn ruled_host_dialled_at_another_address_gets_no_token() {
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(attacker.requests(), 0);
     assert_eq!(proxy.stats().upstream_errors.load(Ordering::Relaxed), 1);
-
-    // With the default port (443) nothing answers there: 502 as well, nothing sent anywhere.
-    let proxy = env.proxy();
-    let addr = front(proxy.clone(), attacker.addr).await;
-    let mut send = within(plain(addr)).await;
-    let resp = within(send.send_request(get("/steal", HOST)))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(attacker.requests(), 0);
 }
 
 #[tokio::test]

@@ -221,6 +221,8 @@ fn method_sp(buf: &[u8]) -> bool {
 /// `METHOD SP` followed by visible ASCII so far, with no line end yet: a request line that has
 /// not been completely received.
 fn starts_like_request(buf: &[u8]) -> bool {
+    // A line cut between its CR and LF is still a request line.
+    let buf = buf.strip_suffix(b"\r").unwrap_or(buf);
     method_sp(buf)
         && buf
             .iter()
