@@ -423,6 +423,26 @@ mod tests {
     }
 
     #[test]
+    fn audience_check_reads_string_or_array_and_skips_non_jwts() {
+        let jwt = |claims: &str| {
+            let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+            Token::parse(&format!("{}.{}.c2ln", b64(b"{}"), b64(claims.as_bytes()))).unwrap()
+        };
+        assert!(check_audience(&jwt(r#"{"aud":"broker"}"#), "broker").is_ok());
+        assert!(check_audience(&jwt(r#"{"aud":["a","broker"]}"#), "broker").is_ok());
+        let e = check_audience(&jwt(r#"{"aud":["a","b"]}"#), "broker").unwrap_err();
+        assert_eq!((e.expected.as_str(), e.found.as_str()), ("broker", "a,b"));
+        let e = check_audience(&jwt(r#"{"sub":"x"}"#), "broker").unwrap_err();
+        assert_eq!(e.found, "<none>");
+        // Not a JWT (opaque, two or four parts, undecodable payload): nothing to check.
+        for t in ["opaque", "a.b", "exchanged.tok-A.123.broker", "a.%%%.c"] {
+            if let Ok(t) = Token::parse(t) {
+                assert!(check_audience(&t, "broker").is_ok(), "{t:?}");
+            }
+        }
+    }
+
+    #[test]
     fn jwt_claims_are_read_without_verification() {
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(br#"{"exp":4102444800,"sub":"system:serviceaccount:a:b"}"#);

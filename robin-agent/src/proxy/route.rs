@@ -175,3 +175,36 @@ fn plain_target(orig: OrigDst) -> Target {
 fn parse_authority(raw: &str) -> Result<Authority, Refusal> {
     raw.parse().map_err(|_| Refusal::InvalidHost)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn host(uri: &str, hosts: &[&str]) -> Result<Option<String>, Refusal> {
+        let mut h = HeaderMap::new();
+        for v in hosts {
+            h.append(HOST, HeaderValue::from_str(v).unwrap());
+        }
+        request_host(&uri.parse().unwrap(), &h)
+    }
+
+    #[test]
+    fn host_comes_from_the_target_or_the_one_host_header() {
+        assert_eq!(host("/x", &["a.test"]), Ok(Some("a.test".into())));
+        assert_eq!(host("http://a.test/x", &[]), Ok(Some("a.test".into())));
+        assert_eq!(
+            host("http://A.test:80/x", &["a.test"]),
+            Ok(Some("A.test:80".into()))
+        );
+        assert_eq!(host("/x", &[]), Ok(None));
+        assert_eq!(
+            host("/x", &["a.test", "a.test"]),
+            Err(Refusal::ConflictingHost)
+        );
+        assert_eq!(
+            host("http://b.test/", &["a.test"]),
+            Err(Refusal::ConflictingHost)
+        );
+    }
+}
