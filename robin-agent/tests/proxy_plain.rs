@@ -298,6 +298,8 @@ async fn absolute_form_and_h2c_prior_knowledge_are_routed_by_their_authority() {
         .unwrap();
     let resp = within(send.send_request(req)).await.unwrap();
     assert_eq!(header(&resp, "x-seen-auth"), "Bearer tok-1");
+    // Originated offering h2, which the upstream chose.
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
     assert_eq!((up.requests(), decoy.requests()), (2, 0));
 }
 

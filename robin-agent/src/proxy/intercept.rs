@@ -53,7 +53,7 @@ pub async fn handle(
     let method = req.method().clone();
     // The path only: query strings often carry secrets.
     let path = req.uri().path().to_owned();
-    let (resp, rule) = match ctx.routes.route(req.uri(), req.headers()) {
+    let (resp, rule) = match ctx.routes.route(req.uri(), req.headers(), req.version()) {
         Ok(route) => {
             let rule = route.rule.clone();
             (forward(&ctx, route, req).await, rule)

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use http::{
-    HeaderMap, Uri,
+    HeaderMap, Uri, Version,
     header::HOST,
     uri::{Authority, Scheme},
 };
@@ -79,7 +79,14 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Re
 }
 
 impl Routes {
-    pub fn route(&self, uri: &Uri, headers: &HeaderMap) -> Result<Route, Refusal> {
+    /// `version`: the workload's HTTP version; an h2 request is originated offering h2 too
+    /// (gRPC servers often speak nothing else).
+    pub fn route(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        version: Version,
+    ) -> Result<Route, Refusal> {
         let host = request_host(uri, headers)?;
         match self {
             Self::Tls {
@@ -113,7 +120,14 @@ impl Routes {
                     None => parse_authority(&orig.0.to_string())?,
                 };
                 match (rule, normalized) {
-                    (Some(rule), Some(name)) => plain_ruled(rule, name, *orig, authority),
+                    (Some(rule), Some(name)) => {
+                        let alpn = if version == Version::HTTP_2 {
+                            Alpn::H2
+                        } else {
+                            Alpn::Http1
+                        };
+                        plain_ruled(rule, name, *orig, authority, alpn)
+                    }
                     _ => Ok(Route {
                         rule: None,
                         target: plain_target(*orig),
@@ -133,6 +147,7 @@ fn plain_ruled(
     name: String,
     orig: OrigDst,
     authority: Authority,
+    alpn: Alpn,
 ) -> Result<Route, Refusal> {
     if rule.cfg.plaintext.is_some() {
         if !rule.cfg.plaintext_allows(orig.0.ip()) {
@@ -157,7 +172,7 @@ fn plain_ruled(
         target: Target {
             dst,
             tls_name: Some(name),
-            alpn: Alpn::Http1,
+            alpn,
         },
         scheme: Scheme::HTTPS,
         authority,
