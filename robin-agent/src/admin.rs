@@ -312,6 +312,7 @@ mod tests {
         for family in [
             "robin_requests_total counter",
             "robin_identity_fetch_seconds histogram",
+            "robin_audience_mismatches_total counter",
             "robin_upstream_responses_total counter",
             "robin_bytes_total counter",
         ] {

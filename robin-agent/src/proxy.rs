@@ -329,7 +329,9 @@ impl Proxy {
         };
         let mode = match (&sniffed, &name) {
             // Every request is routed on hyper's parse, whatever the first one named.
-            (Sniffed::Http { .. }, _) => Mode::Intercept(None, name.clone().unwrap_or_default()),
+            (Sniffed::Http { .. }, _) => {
+                Mode::Intercept(None, name.clone().unwrap_or_else(|| "-".into()))
+            }
             (_, Some(n)) => match self.rule_for(n) {
                 Some(rule) => Mode::Intercept(Some(rule), n.clone()),
                 None => Mode::Splice,
