@@ -200,6 +200,14 @@ async fn unusual_plain_requests_are_parsed_by_hyper_never_spliced() {
     let decoy = upstream_plain().await;
     let addr = front(env.rule_proxy(&tls_port(up.addr.port())), decoy.addr).await;
 
+    // A request behind empty lines (which servers skip) is still parsed and routed.
+    let out = raw(
+        addr,
+        format!("\r\n\r\nGET /lead HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(out.contains("x-seen-auth: Bearer tok-1\r\n"), "{out}");
     // HTTP/1.0 is served, with the token, over TLS.
     let out = raw(
         addr,
@@ -218,7 +226,7 @@ async fn unusual_plain_requests_are_parsed_by_hyper_never_spliced() {
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out:.200}");
     assert!(out.contains("x-seen-auth: Bearer tok-1"), "{out:.400}");
-    assert_eq!(up.requests(), 2);
+    assert_eq!(up.requests(), 3);
     assert_eq!((decoy.requests(), conns(&decoy)), (0, 0), "nothing spliced");
 }
 

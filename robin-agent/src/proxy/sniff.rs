@@ -47,9 +47,22 @@ pub fn sniff(buf: &[u8]) -> Parse {
             Some(3) => sniff_tls(buf),
             Some(_) => Parse::Done(Sniffed::Unknown),
         },
-        Some(&b) if is_tchar(b) => sniff_http(buf),
-        Some(_) => Parse::Done(Sniffed::Unknown),
+        Some(_) => match skip_empty_lines(buf) {
+            [] => Parse::NeedMore,
+            [b, ..] if is_tchar(*b) => sniff_http(skip_empty_lines(buf)),
+            _ => Parse::Done(Sniffed::Unknown),
+        },
     }
+}
+
+/// Empty lines before a request line, which servers ignore (RFC 9112 §2.2) and so do hyper and
+/// httparse: a request behind them is still a request.
+fn skip_empty_lines(buf: &[u8]) -> &[u8] {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    &buf[start..]
 }
 
 /// What the bytes are when no more will be read (buffer bound, EOF or timeout) before
@@ -58,7 +71,9 @@ pub fn sniff(buf: &[u8]) -> Parse {
 pub fn sniff_final(buf: &[u8]) -> Sniffed {
     match sniff(buf) {
         Parse::Done(s) => s,
-        Parse::NeedMore if starts_like_request(buf) => Sniffed::Http { host: None },
+        Parse::NeedMore if starts_like_request(skip_empty_lines(buf)) => {
+            Sniffed::Http { host: None }
+        }
         Parse::NeedMore => Sniffed::Unknown,
     }
 }
@@ -417,6 +432,14 @@ pub(crate) mod tests {
         );
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), http(None));
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), http(None));
+        // Leading empty lines are skipped, as servers skip them.
+        assert_eq!(
+            sniff(b"\r\n\nGET / HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            http(Some("a.com"))
+        );
+        assert_eq!(sniff(b"\r\n"), Parse::NeedMore);
+        assert_eq!(sniff_final(b"\r\nGET /x"), Sniffed::Http { host: None });
+        assert_eq!(sniff(b"\r\n\x00"), Parse::Done(Sniffed::Unknown));
     }
 
     /// The shapes a lenient upstream parser might accept but the old classifier spliced: each is
