@@ -21,6 +21,8 @@ class Echo(http.server.BaseHTTPRequestHandler):
             "path": self.path,
             "host": self.headers.get("Host"),
             "authorization": self.headers.get_all("Authorization") or [],
+            "tls": isinstance(self.connection, ssl.SSLSocket),
+            "port": self.server.server_address[1],
         }
         entry.update(extra)
         with open(LOG, "a") as f:

@@ -207,6 +207,16 @@ pub fn metrics(shared: &NodeShared) -> String {
             .map(|(rule, r)| (rule_label(rule), r.identity_errors))
             .collect::<Vec<_>>(),
     );
+    family(
+        &mut out,
+        "robin_audience_mismatches_total",
+        "counter",
+        "Requests answered 503 because the token's aud claim was not the audience the rule expects.",
+        &t.rules
+            .iter()
+            .map(|(rule, r)| (rule_label(rule), r.audience_mismatches))
+            .collect::<Vec<_>>(),
+    );
     header(
         &mut out,
         "robin_identity_fetch_seconds",
@@ -304,6 +314,7 @@ mod tests {
         for family in [
             "robin_requests_total counter",
             "robin_identity_fetch_seconds histogram",
+            "robin_audience_mismatches_total counter",
             "robin_upstream_responses_total counter",
             "robin_bytes_total counter",
         ] {

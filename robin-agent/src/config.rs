@@ -6,6 +6,7 @@
 //! as TLS wildcard certificates do.
 use std::{
     fmt,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -28,6 +29,8 @@ pub const ENV_LISTENER_PORT: &str = "ROBIN_LISTENER_PORT";
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 pub const DEFAULT_HEADER: &str = "Authorization";
 pub const DEFAULT_FORMAT: &str = "Bearer {token}";
+/// Port a plain-HTTP request for a ruled host is originated over TLS to (`upstream_tls_port`).
+pub const DEFAULT_UPSTREAM_TLS_PORT: u16 = 443;
 const PLACEHOLDER: &str = "{token}";
 
 /// Headers a rule may not set: framing, routing and hop-by-hop headers.
@@ -123,6 +126,15 @@ struct RawRule {
     source: SourceConfig,
     header: Option<String>,
     format: Option<String>,
+    upstream_tls_port: Option<u16>,
+    plaintext: Option<RawPlaintext>,
+    expect_audience: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlaintext {
+    allow_cidrs: Vec<String>,
 }
 
 // ---- the validated config ----
@@ -157,11 +169,25 @@ pub struct InjectRule {
     /// Lower-case, validated.
     pub header: HeaderName,
     pub format: TokenFormat,
+    /// Where a plain-HTTP request for a ruled host is sent over TLS (on the dialled IP).
+    pub upstream_tls_port: u16,
+    /// `Some`: inject over plain HTTP, but only to dialled IPs in these prefixes (and never
+    /// originate TLS for this rule).
+    pub plaintext: Option<Vec<Cidr>>,
+    /// The `aud` a JWT must carry to be injected: `expect_audience`, else the source's own.
+    pub audience: Option<String>,
 }
 
 impl InjectRule {
     pub fn matches(&self, host: &str) -> bool {
         self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// Whether plain HTTP may carry this rule's token to `ip` (the dialled address).
+    pub fn plaintext_allows(&self, ip: IpAddr) -> bool {
+        self.plaintext
+            .as_ref()
+            .is_some_and(|cidrs| cidrs.iter().any(|c| c.contains(ip)))
     }
 
     /// A short label for logs: the first host pattern.
@@ -241,6 +267,66 @@ pub fn normalize_host(raw: &str) -> String {
     };
     let host = host.strip_suffix('.').unwrap_or(&host);
     host.to_ascii_lowercase()
+}
+
+/// An address prefix, `10.0.0.0/8` or `fd00::/8`. IPv4-mapped IPv6 addresses match IPv4
+/// prefixes (a dual-stack socket reports an IPv4 peer that way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let (addr, len) = raw
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{raw:?} is not a prefix like \"10.0.0.0/8\""))?;
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{raw:?}: {addr:?} is not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{raw:?}: prefix length must be 0..={max}"))?;
+        let cidr = Self { net, len };
+        if cidr.mask(net) != net {
+            return Err(format!(
+                "{raw:?} has host bits set (did you mean {}/{len}?)",
+                cidr.mask(net)
+            ));
+        }
+        Ok(cidr)
+    }
+
+    fn mask(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & m).into())
+            }
+            IpAddr::V6(v6) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & m).into())
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.net.is_ipv4() && self.mask(ip) == self.net
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.len)
+    }
 }
 
 /// `format` split around its single `{token}`.
@@ -384,11 +470,29 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
             .map_err(|r| invalid(key("header"), r))?;
         let format = TokenFormat::parse(rule.format.as_deref().unwrap_or(DEFAULT_FORMAT))
             .map_err(|r| invalid(key("format"), r))?;
+        let upstream_tls_port = match rule.upstream_tls_port {
+            Some(0) => return Err(invalid(key("upstream_tls_port"), "must not be 0")),
+            p => p.unwrap_or(DEFAULT_UPSTREAM_TLS_PORT),
+        };
+        let plaintext = rule
+            .plaintext
+            .map(|p| parse_cidrs(&p.allow_cidrs))
+            .transpose()
+            .map_err(|r| invalid(key("plaintext.allow_cidrs"), r))?;
+        if rule.expect_audience.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid(key("expect_audience"), "must not be empty"));
+        }
+        let audience = rule
+            .expect_audience
+            .or_else(|| rule.source.audience().map(str::to_owned));
         inject.push(InjectRule {
             hosts,
             source: rule.source,
             header,
             format,
+            upstream_tls_port,
+            plaintext,
+            audience,
         });
     }
 
@@ -405,6 +509,13 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
         },
         inject,
     })
+}
+
+fn parse_cidrs(raw: &[String]) -> Result<Vec<Cidr>, String> {
+    if raw.is_empty() {
+        return Err("must list at least one prefix (omit `plaintext` to allow none)".into());
+    }
+    raw.iter().map(|c| Cidr::parse(c)).collect()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -616,6 +727,75 @@ source = { kind = "file", path = "/tok" }
             e.starts_with("inject[0].format:") && e.contains("exactly once"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn plaintext_tls_port_and_audience() {
+        let s = Scratch::new("plaintext");
+        let c = s.load(RULE).unwrap();
+        let r = &c.inject[0];
+        assert_eq!(
+            (r.upstream_tls_port, &r.plaintext, &r.audience),
+            (443, &None, &None)
+        );
+        assert!(!r.plaintext_allows("10.0.0.1".parse().unwrap()));
+
+        let c = s
+            .load(&format!(
+                "{RULE}upstream_tls_port = 8443\nexpect_audience = \"broker\"\nplaintext = {{ allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7/32\"] }}\n"
+            ))
+            .unwrap();
+        let r = &c.inject[0];
+        assert_eq!(r.upstream_tls_port, 8443);
+        assert_eq!(r.audience.as_deref(), Some("broker"));
+        for (ip, allowed) in [
+            ("10.1.2.3", true),
+            ("11.0.0.1", false),
+            ("::ffff:10.9.9.9", true),
+            ("fd12::1", true),
+            ("fe80::1", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+        ] {
+            assert_eq!(r.plaintext_allows(ip.parse().unwrap()), allowed, "{ip}");
+        }
+
+        // The source's own audience is the default.
+        let c = s
+            .load("[[inject]]\nhosts = [\"a.b\"]\nsource = { kind = \"token_request\", audience = \"vault\" }")
+            .unwrap();
+        assert_eq!(c.inject[0].audience.as_deref(), Some("vault"));
+
+        for (extra, key) in [
+            ("plaintext = { allow_cidrs = [] }", "plaintext.allow_cidrs"),
+            (
+                "plaintext = { allow_cidrs = [\"10.0.0.0\"] }",
+                "plaintext.allow_cidrs",
+            ),
+            (
+                "plaintext = { allow_cidrs = [\"10.0.0.1/8\"] }",
+                "plaintext.allow_cidrs",
+            ),
+            (
+                "plaintext = { allow_cidrs = [\"10.0.0.0/33\"] }",
+                "plaintext.allow_cidrs",
+            ),
+            (
+                "plaintext = { allow_cidrs = [\"::/129\"] }",
+                "plaintext.allow_cidrs",
+            ),
+            (
+                "plaintext = { allow_cidrs = [\"host/8\"] }",
+                "plaintext.allow_cidrs",
+            ),
+            ("upstream_tls_port = 0", "upstream_tls_port"),
+            ("expect_audience = \"\"", "expect_audience"),
+        ] {
+            let e = err_line(s.load(&format!("{RULE}{extra}\n")));
+            assert!(e.starts_with(&format!("inject[0].{key}:")), "{extra}: {e}");
+        }
+        let e = err_line(s.load(&format!("{RULE}plaintext = {{ allow = [] }}\n")));
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[derive(clap::Parser)]

@@ -171,6 +171,19 @@ pub enum SourceConfig {
     Exchange(exchange::ExchangeConfig),
 }
 
+impl SourceConfig {
+    /// The audience this source asks its tokens for, when it names one: what the destination
+    /// of its tokens is expected to accept (see the proxy's audience check).
+    pub fn audience(&self) -> Option<&str> {
+        match self {
+            Self::File { .. } => None,
+            Self::TokenRequest(c) => Some(&c.audience),
+            Self::Spiffe(c) => Some(&c.audience),
+            Self::Exchange(c) => c.audience.as_deref(),
+        }
+    }
+}
+
 /// The pod a token is requested for, when the agent knows it (`robin node`): TokenRequest
 /// tokens are requested for its namespace and ServiceAccount and bound to it, delegated SPIFFE
 /// selectors default to its uid.
@@ -281,6 +294,33 @@ pub fn build_source_with(
 pub struct JwtClaims {
     pub exp: Option<i64>,
     pub sub: Option<String>,
+    /// RFC 7519 §4.1.3: one string or an array of strings.
+    pub aud: Option<Audience>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains(&self, aud: &str) -> bool {
+        match self {
+            Self::One(a) => a == aud,
+            Self::Many(all) => all.iter().any(|a| a == aud),
+        }
+    }
+}
+
+impl fmt::Display for Audience {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::One(a) => f.write_str(a),
+            Self::Many(all) => f.write_str(&all.join(",")),
+        }
+    }
 }
 
 /// Decodes the payload of a compact JWT; `None` when it is not one.
@@ -290,6 +330,34 @@ pub fn jwt_claims(token: &Token) -> Option<JwtClaims> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Why a token may not go to a destination that expects another audience.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("token audience {found} is not the expected {expected}")]
+pub struct AudienceMismatch {
+    pub expected: String,
+    /// The token's `aud` claim, or `<none>` when the JWT has none.
+    pub found: String,
+}
+
+/// Checks a token's `aud` claim against `expected` without verifying its signature (the
+/// destination does that): only a compact JWT (three dot-separated parts whose payload is a
+/// JSON object) is checked; any other token passes, since it carries no audience to read.
+pub fn check_audience(token: &Token, expected: &str) -> Result<(), AudienceMismatch> {
+    if token.expose().split('.').count() != 3 {
+        return Ok(());
+    }
+    let Some(claims) = jwt_claims(token) else {
+        return Ok(());
+    };
+    match claims.aud {
+        Some(aud) if aud.contains(expected) => Ok(()),
+        found => Err(AudienceMismatch {
+            expected: expected.to_owned(),
+            found: found.map_or_else(|| "<none>".to_owned(), |a| a.to_string()),
+        }),
+    }
 }
 
 /// Remaining lifetime from a JWT `exp` claim (zero when already past).
@@ -412,6 +480,26 @@ mod tests {
             exchange.describe()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn audience_check_reads_string_or_array_and_skips_non_jwts() {
+        let jwt = |claims: &str| {
+            let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+            Token::parse(&format!("{}.{}.c2ln", b64(b"{}"), b64(claims.as_bytes()))).unwrap()
+        };
+        assert!(check_audience(&jwt(r#"{"aud":"broker"}"#), "broker").is_ok());
+        assert!(check_audience(&jwt(r#"{"aud":["a","broker"]}"#), "broker").is_ok());
+        let e = check_audience(&jwt(r#"{"aud":["a","b"]}"#), "broker").unwrap_err();
+        assert_eq!((e.expected.as_str(), e.found.as_str()), ("broker", "a,b"));
+        let e = check_audience(&jwt(r#"{"sub":"x"}"#), "broker").unwrap_err();
+        assert_eq!(e.found, "<none>");
+        // Not a JWT (opaque, two or four parts, undecodable payload): nothing to check.
+        for t in ["opaque", "a.b", "exchanged.tok-A.123.broker", "a.%%%.c"] {
+            if let Ok(t) = Token::parse(t) {
+                assert!(check_audience(&t, "broker").is_ok(), "{t:?}");
+            }
+        }
     }
 
     #[test]

@@ -269,6 +269,7 @@ pub struct RuleTotals {
     pub requests: [u64; 5],
     pub identity_errors: u64,
     pub identity_fetch: crate::metrics::HistogramSnapshot,
+    pub audience_mismatches: u64,
 }
 
 impl Totals {
@@ -302,6 +303,7 @@ impl Totals {
                 *t += n;
             }
             t.identity_errors += r(&rule.stats.identity_errors);
+            t.audience_mismatches += r(&rule.stats.audience_mismatches);
             t.identity_fetch.add(&rule.stats.identity_fetch.snapshot());
         }
     }

@@ -1,6 +1,7 @@
 //! The userspace data path for one captured connection: sniff the first bytes, then either
 //! intercept (terminate TLS with a minted leaf, inject the workload's token, forward to the
-//! original destination over verified TLS) or splice bytes through untouched.
+//! original destination over verified TLS), serve plain HTTP request by request (see
+//! [`route`]), or splice bytes through untouched.
 use std::{
     os::fd::AsFd,
     sync::{
@@ -10,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{StatusCode, uri::Scheme};
+use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -34,14 +35,16 @@ mod inject;
 mod intercept;
 mod linger;
 mod rewind;
+mod route;
 pub mod sniff;
 mod splice;
 mod upstream;
 
 use rewind::{ByteCounts, Rewind};
+use route::Routes;
 use sniff::Sniffed;
 pub use upstream::Dialer;
-use upstream::{Pool, PoolLimits, Target, Upstream};
+use upstream::{Pool, PoolLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -171,10 +174,12 @@ pub struct RuleStats {
     pub identity_errors: AtomicU64,
     /// How long `IdentitySource::token` took, successful or not.
     pub identity_fetch: Histogram,
+    /// Requests answered 503 because the token's `aud` was not the audience the rule expects.
+    pub audience_mismatches: AtomicU64,
 }
 
 struct Inner {
-    rules: Vec<Arc<Rule>>,
+    rules: Arc<[Arc<Rule>]>,
     leaves: Arc<LeafCache>,
     server_tls: Arc<ServerConfig>,
     upstream: Arc<Pool>,
@@ -200,7 +205,8 @@ impl std::fmt::Debug for Proxy {
 }
 
 enum Mode {
-    Intercept(Arc<Rule>, String),
+    /// TLS for a ruled SNI (`Some`), or plain HTTP routed request by request (`None`).
+    Intercept(Option<Arc<Rule>>, String),
     Splice,
 }
 
@@ -240,7 +246,7 @@ impl Proxy {
                     stats: RuleStats::default(),
                 }))
             })
-            .collect::<Result<Vec<_>, ProxyError>>()?;
+            .collect::<Result<Arc<[_]>, ProxyError>>()?;
         let leaves = Arc::new(LeafCache::new(
             cfg.tls.ca.clone(),
             mint::DEFAULT_CACHE_CAPACITY,
@@ -321,12 +327,16 @@ impl Proxy {
             Sniffed::Http { host } => (host.clone(), false),
             Sniffed::Unknown => (None, false),
         };
-        let mode = match &name {
-            Some(n) => match self.rule_for(n) {
-                Some(rule) => Mode::Intercept(rule, n.clone()),
+        let mode = match (&sniffed, &name) {
+            // Every request is routed on hyper's parse, whatever the first one named.
+            (Sniffed::Http { .. }, _) => {
+                Mode::Intercept(None, name.clone().unwrap_or_else(|| "-".into()))
+            }
+            (_, Some(n)) => match self.rule_for(n) {
+                Some(rule) => Mode::Intercept(Some(rule), n.clone()),
                 None => Mode::Splice,
             },
-            None => Mode::Splice,
+            (_, None) => Mode::Splice,
         };
         let name_field = name.as_deref().unwrap_or("-");
         match mode {
@@ -367,8 +377,10 @@ impl Proxy {
                 // A second descriptor keeps the socket alive after hyper drops its own.
                 let linger = stream.as_fd().try_clone_to_owned().ok();
                 let io = Rewind::new(prefix, stream, counts.clone());
-                let label = rule.label.clone();
-                let res = self.intercept(io, orig, rule, name.clone(), tls).await;
+                let label = rule
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |r| r.label.clone());
+                let res = self.intercept(io, orig, rule, name.clone()).await;
                 // Only an error close needs it (a 431 or 400 with the client still sending);
                 // after an upgrade the tunnel still owns the socket.
                 if let (Some(fd), true) = (linger, res.is_err()) {
@@ -397,9 +409,8 @@ impl Proxy {
         &self,
         io: Rewind<TcpStream>,
         orig: OrigDst,
-        rule: Arc<Rule>,
+        rule: Option<Arc<Rule>>,
         name: String,
-        tls: bool,
     ) -> Result<(), String> {
         let limits = &self.inner.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -417,32 +428,28 @@ impl Proxy {
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
 
-        let target = |alpn| Target {
-            dst: orig,
-            tls_name: tls.then(|| name.clone()),
-            alpn,
-        };
-        let ctx = |alpn, scheme| {
+        let ctx = |routes| {
             Arc::new(intercept::ConnCtx {
-                rule: rule.clone(),
-                name: name.clone(),
-                scheme,
-                upstream: Upstream::new(target(alpn), self.inner.upstream.clone()),
+                routes,
+                pool: self.inner.upstream.clone(),
                 stats: self.inner.stats.clone(),
             })
         };
 
-        if !tls {
-            let ctx = ctx(Alpn::Http1, Scheme::HTTP);
+        let Some(rule) = rule else {
+            let ctx = ctx(Routes::Plain {
+                rules: self.inner.rules.clone(),
+                orig,
+            });
             let span = tracing::Span::current();
             let svc =
                 service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+            // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
             return builder
-                .http1_only()
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .await
                 .map_err(|e| format!("serving http: {e}"));
-        }
+        };
 
         let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.server_tls.clone());
         let stream = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
@@ -455,7 +462,12 @@ impl Proxy {
         } else {
             (Alpn::Http1, builder.http1_only())
         };
-        let ctx = ctx(alpn, Scheme::HTTPS);
+        let ctx = ctx(Routes::Tls {
+            rule,
+            name,
+            alpn,
+            orig,
+        });
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
         let span = tracing::Span::current();
         let svc =

@@ -143,15 +143,15 @@ async fn h2_workload_to_http1_only_upstream() {
 }
 
 #[tokio::test]
-async fn injects_over_plain_http_and_splices_other_hosts() {
+async fn injects_over_allowed_plain_http_and_forwards_other_hosts_untouched() {
     let env = Env::new("plain");
     let up = upstream_plain().await;
-    let addr = front(env.proxy(), up.addr).await;
+    let addr = front(env.rule_proxy(PLAINTEXT_LOOPBACK), up.addr).await;
     let mut send = within(h1(tokio::net::TcpStream::connect(addr).await.unwrap())).await;
     let resp = within(send.send_request(get("/echo", HOST))).await.unwrap();
     assert_eq!(header(&resp, "x-seen-auth"), "Bearer tok-1");
 
-    // No rule for this Host: spliced, the request reaches upstream exactly as sent.
+    // No rule for this Host: forwarded with the workload's own credential, no token.
     let mut send = within(h1(tokio::net::TcpStream::connect(addr).await.unwrap())).await;
     let req = Request::get("/echo")
         .header("host", OTHER_HOST)

@@ -67,7 +67,7 @@ async fn no_log_record_contains_a_token() {
     drop(send);
 
     let plain = upstream_plain().await;
-    let plain_addr = front(env.proxy(), plain.addr).await;
+    let plain_addr = front(env.rule_proxy(PLAINTEXT_LOOPBACK), plain.addr).await;
     let mut send = within(h1(tokio::net::TcpStream::connect(plain_addr)
         .await
         .unwrap()))

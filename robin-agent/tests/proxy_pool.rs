@@ -59,7 +59,7 @@ async fn sequential_client_connections_share_one_upstream_connection() {
 async fn plain_http_client_connections_share_one_upstream_connection() {
     let env = Env::new("reuse-plain");
     let up = upstream_plain().await;
-    let addr = front(env.proxy(), up.addr).await;
+    let addr = front(env.rule_proxy(PLAINTEXT_LOOPBACK), up.addr).await;
     for _ in 0..2 {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut send = within(h1(tcp)).await;

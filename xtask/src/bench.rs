@@ -510,13 +510,16 @@ backend up
     }
     start_capture_ns(&mut world)?;
 
+    // The "plain HTTP inject" rows measure cleartext injection, so the bench upstream is allowed
+    // it; without `plaintext` Robin would originate TLS to it instead.
     for (name, listener) in [("robin.toml", 0), ("robin-cap.toml", CAP_PORT)] {
         fs::write(
             dir.join(name),
             format!(
                 "[tls]\nca_cert = \"{d}/robin-ca.crt\"\nca_key = \"{d}/robin-ca.key\"\nupstream_roots = \"{d}/upstream-ca.crt\"\n\n\
                  [capture]\nports = [80, 443]\nlistener_port = {listener}\n\n\
-                 [[inject]]\nhosts = [\"{RULED}\", \"*.{MINT_SUFFIX}\"]\nsource = {{ kind = \"file\", path = \"{d}/token\" }}\n"
+                 [[inject]]\nhosts = [\"{RULED}\", \"*.{MINT_SUFFIX}\"]\nsource = {{ kind = \"file\", path = \"{d}/token\" }}\n\
+                 plaintext = {{ allow_cidrs = [\"{UPSTREAM_IP}/32\"] }}\n"
             ),
         )?;
     }

@@ -1,4 +1,4 @@
-//! Robin's task runner: `cargo xtask setup | test | demo | manifests`.
+//! Robin's task runner: `cargo xtask setup | test | fuzz | demo | manifests | bench`.
 //!
 //! Building the eBPF object is `robin-agent/build.rs`'s job; xtask installs what that build and
 //! the privileged tests need, then runs things.
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod helm;
 mod manifests;
 mod progress;
@@ -33,6 +34,12 @@ enum Task {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Property-based fuzzing of the SNI/Host sniffer, the config parser and the token
+    /// validator, with fresh seeds round after round for about N seconds.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Show Robin's main job end to end on throwaway namespaces.
     Demo,
@@ -60,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Task::Setup => setup::ensure(),
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Demo => {
             setup::ensure()?;
             demo::run()

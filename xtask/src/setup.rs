@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "python3",
     "python3-requests",
+    // `java Client.java` (single-file source launch) in the TLS-origination test
+    "openjdk-17-jre-headless",
     // `python3 -m venv` for the manifest validator
     "python3-venv",
 ];
@@ -46,6 +48,7 @@ const APT_MARKERS: &[&str] = &[
     "/usr/bin/openssl",
     "/usr/bin/python3",
     "/usr/lib/python3/dist-packages/requests/__init__.py",
+    "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
     // python3-venv (Debian 12's python3 is 3.11)
     "/usr/lib/python3.11/ensurepip/__init__.py",
 ];

@@ -15,9 +15,25 @@ pub fn set_credential(headers: &mut HeaderMap, name: &HeaderName, mut value: Hea
     headers.insert(name.clone(), value);
 }
 
-/// True when `Connection` lists `upgrade` and an `Upgrade` header is present (HTTP/1.1 only).
+/// True when `Connection` lists `upgrade` and an `Upgrade` header names a protocol other than
+/// `h2c` (HTTP/1.1 only). An h2c upgrade (RFC 7540 §3.2, dropped by RFC 9113) is not relayed:
+/// it would turn the rest of the connection into h2 frames Robin passes as opaque bytes, so the
+/// request is forwarded as plain HTTP/1.1 and the server answers it as such.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+    let protocols = headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_ascii_lowercase())
+        .filter(|p| !p.is_empty());
+    let mut any = false;
+    let mut only_h2c = true;
+    for p in protocols {
+        any = true;
+        only_h2c &= p == "h2c";
+    }
+    any && !only_h2c && connection_tokens(headers).any(|t| t == "upgrade")
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
@@ -137,5 +153,14 @@ mod tests {
         assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
         assert_eq!(h.get("sec-websocket-key").unwrap(), "k");
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+        // An h2c upgrade is answered as plain HTTP/1.1: nothing of it goes upstream.
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 }

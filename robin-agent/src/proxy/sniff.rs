@@ -1,6 +1,9 @@
-//! Classifies a connection from its first bytes: a TLS ClientHello (and its SNI), a plain
-//! HTTP/1 request (and its Host), or anything else. The parsers never index past what they were
-//! given and treat every malformed shape as "no name", which means splice.
+//! Classifies a connection from its first bytes: a TLS ClientHello (and its SNI), bytes that
+//! start like a plain HTTP request, or anything else. The parsers never index past what they
+//! were given. A ClientHello with a malformed shape has "no name" (splice); bytes that start
+//! like HTTP are HTTP however the rest looks, because hyper, not this classifier, parses them
+//! (and answers 400/431 to what it cannot accept): nothing that reads as a request is ever
+//! spliced on the strength of a guess made here.
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -9,8 +12,15 @@ use crate::{config::normalize_host, tls::mint::is_dns_name};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sniffed {
-    Tls { sni: Option<String> },
-    Http { host: Option<String> },
+    Tls {
+        sni: Option<String>,
+    },
+    /// Starts like an HTTP request (`METHOD SP target SP HTTP/x.y`). `host` is the first
+    /// request's Host when its header section was already complete and clean: for logs only,
+    /// since every request is routed on hyper's own parse.
+    Http {
+        host: Option<String>,
+    },
     Unknown,
 }
 
@@ -26,6 +36,8 @@ const HANDSHAKE: u8 = 0x16;
 const CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const MAX_HTTP_HEADERS: usize = 128;
+/// Longest method token taken for HTTP (the longest registered method is 17 bytes).
+const MAX_METHOD: usize = 24;
 
 pub fn sniff(buf: &[u8]) -> Parse {
     match buf.first() {
@@ -35,8 +47,34 @@ pub fn sniff(buf: &[u8]) -> Parse {
             Some(3) => sniff_tls(buf),
             Some(_) => Parse::Done(Sniffed::Unknown),
         },
-        Some(b) if b.is_ascii_uppercase() => sniff_http(buf),
-        Some(_) => Parse::Done(Sniffed::Unknown),
+        Some(_) => match skip_empty_lines(buf) {
+            [] => Parse::NeedMore,
+            [b, ..] if is_tchar(*b) => sniff_http(skip_empty_lines(buf)),
+            _ => Parse::Done(Sniffed::Unknown),
+        },
+    }
+}
+
+/// Empty lines before a request line, which servers ignore (RFC 9112 §2.2) and so do hyper and
+/// httparse: a request behind them is still a request.
+fn skip_empty_lines(buf: &[u8]) -> &[u8] {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    &buf[start..]
+}
+
+/// What the bytes are when no more will be read (buffer bound, EOF or timeout) before
+/// [`sniff`] decided: a request line still being sent is HTTP (hyper then answers it, e.g. 414
+/// or 431 for a huge one, 400 for a truncated one); anything else is unknown.
+pub fn sniff_final(buf: &[u8]) -> Sniffed {
+    match sniff(buf) {
+        Parse::Done(s) => s,
+        Parse::NeedMore if starts_like_request(skip_empty_lines(buf)) => {
+            Sniffed::Http { host: None }
+        }
+        Parse::NeedMore => Sniffed::Unknown,
     }
 }
 
@@ -57,12 +95,15 @@ pub async fn read_prefix<R: AsyncRead + Unpin>(
             return Ok((buf, s));
         }
         if buf.len() >= max {
-            return Ok((buf, Sniffed::Unknown));
+            let s = sniff_final(&buf);
+            return Ok((buf, s));
         }
         let mut chunk = vec![0u8; (max - buf.len()).min(4096)];
         match tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
-            Err(_elapsed) => return Ok((buf, Sniffed::Unknown)),
-            Ok(Ok(0)) => return Ok((buf, Sniffed::Unknown)),
+            Err(_) | Ok(Ok(0)) => {
+                let s = sniff_final(&buf);
+                return Ok((buf, s));
+            }
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e),
         }
@@ -180,30 +221,75 @@ fn client_hello_sni(hello: &[u8]) -> Option<String> {
     sni
 }
 
+/// RFC 9110 `tchar`: the bytes of a method token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Starts with a method token and a space.
+fn method_sp(buf: &[u8]) -> bool {
+    buf.iter()
+        .position(|&b| b == b' ')
+        .is_some_and(|sp| sp > 0 && sp <= MAX_METHOD && buf[..sp].iter().all(|&b| is_tchar(b)))
+}
+
+/// `METHOD SP` followed by visible ASCII so far, with no line end yet: a request line that has
+/// not been completely received.
+fn starts_like_request(buf: &[u8]) -> bool {
+    // A line cut between its CR and LF is still a request line.
+    let buf = buf.strip_suffix(b"\r").unwrap_or(buf);
+    method_sp(buf)
+        && buf
+            .iter()
+            .all(|&b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+}
+
+/// Decides on the request line: `METHOD SP target SP HTTP/d.d` is HTTP (hyper parses the
+/// rest); any other complete first line is not.
 fn sniff_http(buf: &[u8]) -> Parse {
+    let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+        let method_so_far = buf.len() <= MAX_METHOD && buf.iter().all(|&b| is_tchar(b));
+        return if method_so_far || starts_like_request(buf) {
+            Parse::NeedMore
+        } else {
+            Parse::Done(Sniffed::Unknown)
+        };
+    };
+    let line = &buf[..eol];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.len().checked_sub(8).map(|at| &line[at..]);
+    let is_request = method_sp(line)
+        && version.is_some_and(|v| {
+            v[..5].eq_ignore_ascii_case(b"http/")
+                && v[5].is_ascii_digit()
+                && v[6] == b'.'
+                && v[7].is_ascii_digit()
+        });
+    if !is_request {
+        return Parse::Done(Sniffed::Unknown);
+    }
+    Parse::Done(Sniffed::Http {
+        host: clean_host(buf),
+    })
+}
+
+/// The Host of a complete, cleanly parsed HTTP/1.x header section with exactly one Host.
+fn clean_host(buf: &[u8]) -> Option<String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HTTP_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Partial) => Parse::NeedMore,
-        Err(_) => Parse::Done(Sniffed::Unknown),
-        Ok(httparse::Status::Complete(_)) => {
-            if req.version != Some(1) {
-                return Parse::Done(Sniffed::Unknown);
-            }
-            let mut hosts = req
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("host"));
-            let host = match (hosts.next(), hosts.next()) {
-                // Two Host headers is a smuggling shape: never pick one.
-                (Some(h), None) => std::str::from_utf8(h.value)
-                    .ok()
-                    .map(normalize_host)
-                    .filter(|h| is_dns_name(h)),
-                _ => None,
-            };
-            Parse::Done(Sniffed::Http { host })
-        }
+    let Ok(httparse::Status::Complete(_)) = req.parse(buf) else {
+        return None;
+    };
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    match (hosts.next(), hosts.next()) {
+        (Some(h), None) => std::str::from_utf8(h.value)
+            .ok()
+            .map(normalize_host)
+            .filter(|h| is_dns_name(h)),
+        _ => None,
     }
 }
 
@@ -326,49 +412,107 @@ pub(crate) mod tests {
         assert_eq!(sniff(&[0x16, 9, 9]), Parse::Done(Sniffed::Unknown));
     }
 
+    fn http(host: Option<&str>) -> Parse {
+        Parse::Done(Sniffed::Http {
+            host: host.map(str::to_owned),
+        })
+    }
+
     #[test]
     fn http_host() {
         let r = b"GET /x?y HTTP/1.1\r\nUser-Agent: t\r\nHost: Broker.Example.com:80\r\n\r\n";
-        assert_eq!(
-            sniff(r),
-            Parse::Done(Sniffed::Http {
-                host: Some("broker.example.com".into())
-            })
-        );
-        assert_eq!(sniff(&r[..20]), Parse::NeedMore);
-        assert_eq!(
-            sniff(b"GET / HTTP/1.1\r\n\r\n"),
-            Parse::Done(Sniffed::Http { host: None })
-        );
+        assert_eq!(sniff(r), http(Some("broker.example.com")));
+        assert_eq!(sniff(&r[..12]), Parse::NeedMore);
+        // The request line decides; a header section still arriving has no host (logs only).
+        assert_eq!(sniff(&r[..20]), http(None));
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), http(None));
         assert_eq!(
             sniff(b"GET / HTTP/1.1\r\nHost: a.com\r\nHost: b.com\r\n\r\n"),
-            Parse::Done(Sniffed::Http { host: None })
+            http(None)
         );
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), http(None));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), http(None));
+        // Leading empty lines are skipped, as servers skip them.
         assert_eq!(
-            sniff(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
-            Parse::Done(Sniffed::Http { host: None })
+            sniff(b"\r\n\nGET / HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            http(Some("a.com"))
         );
+        assert_eq!(sniff(b"\r\n"), Parse::NeedMore);
+        assert_eq!(sniff_final(b"\r\nGET /x"), Sniffed::Http { host: None });
+        assert_eq!(sniff(b"\r\n\x00"), Parse::Done(Sniffed::Unknown));
+    }
+
+    /// The shapes a lenient upstream parser might accept but the old classifier spliced: each is
+    /// HTTP here, so hyper answers it instead of the ruled host's own parser.
+    #[test]
+    fn unusual_requests_are_http_not_unknown() {
+        for raw in [
+            &b"GET / HTTP/1.0\r\nHost: broker.test\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: broker.test\r\nX: a\r\n  folded\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: broker.test\r\nTransfer-Encoding : chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nAuthorization : x\r\n\r\n",
+            b"get /lower HTTP/1.1\r\n\r\n",
+            b"GET http://broker.test/abs HTTP/1.1\r\n\r\n",
+            b"GET \x00 HTTP/1.1\r\n",
+        ] {
+            assert!(
+                matches!(sniff(raw), Parse::Done(Sniffed::Http { .. })),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // A header section over the sniff bound, and a request line that never ends.
+        let mut big = b"GET / HTTP/1.1\r\nHost: broker.test\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 20_000));
+        assert_eq!(sniff_final(&big[..16 * 1024]), Sniffed::Http { host: None });
+        let mut line = b"GET /".to_vec();
+        line.extend(std::iter::repeat_n(b'a', 20_000));
+        assert_eq!(sniff(&line), Parse::NeedMore);
+        assert_eq!(sniff_final(&line), Sniffed::Http { host: None });
+        // Truncated after the method: still a request being sent.
         assert_eq!(
-            sniff(b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n"),
-            Parse::Done(Sniffed::Unknown)
+            sniff_final(b"GET /x HTTP/1.1\r\nHost: bro"),
+            Sniffed::Http { host: None }
         );
-        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Parse::Done(Sniffed::Unknown));
-        assert_eq!(sniff(b"\x00\x01garbage"), Parse::Done(Sniffed::Unknown));
-        assert_eq!(
-            sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Parse::Done(Sniffed::Unknown)
-        );
+    }
+
+    #[test]
+    fn other_protocols_are_unknown() {
+        for raw in [
+            &b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"[..],
+            b"\x00\x01garbage",
+            b"SET key value\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"GET /\r\n",
+            b"EHLO mail.example.com\r\n",
+        ] {
+            assert_eq!(
+                sniff_final(raw),
+                Sniffed::Unknown,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert_eq!(sniff_final(b"GET"), Sniffed::Unknown);
+        assert_eq!(sniff_final(b""), Sniffed::Unknown);
     }
 
     #[tokio::test]
     async fn read_prefix_is_bounded_in_size_and_time() {
-        // Huge header section: stops at the bound.
-        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        // Huge request line: stops at the bound, still HTTP (hyper answers it).
+        let mut big = b"GET /".to_vec();
         big.extend(std::iter::repeat_n(b'a', 100_000));
         let (buf, s) = read_prefix(&mut &big[..], 16 * 1024, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!((buf.len(), s), (16 * 1024, Sniffed::Unknown));
+        assert_eq!((buf.len(), s), (16 * 1024, Sniffed::Http { host: None }));
+        // Binary: decided on the first read.
+        let junk = vec![0x80u8; 100_000];
+        let (buf, s) = read_prefix(&mut &junk[..], 16 * 1024, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((buf.len(), s), (4096, Sniffed::Unknown));
         // A client that sends half a hello and stalls: times out with what it has.
         let (mut client, mut server) = tokio::io::duplex(1024);
         let hello = client_hello(Some(sni_ext(b"a.com")), 4096);

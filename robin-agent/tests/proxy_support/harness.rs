@@ -97,23 +97,7 @@ impl Env {
         std::fs::write(dir.join("up.crt"), upstream_ca.pem()).unwrap();
         let token_path = dir.join("token");
         std::fs::write(&token_path, "tok-1\n").unwrap();
-        let toml = format!(
-            r#"
-[tls]
-ca_cert = {ca:?}
-ca_key = {key:?}
-upstream_roots = {up:?}
-
-[[inject]]
-hosts = ["{HOST}", "*.api.test"]
-source = {{ kind = "file", path = {tok:?} }}
-"#,
-            ca = dir.join("ca.crt"),
-            key = dir.join("ca.key"),
-            up = dir.join("up.crt"),
-            tok = token_path,
-        );
-        let cfg = config::from_toml(&toml, "test.toml".as_ref(), &ConfigArgs::default()).unwrap();
+        let cfg = load_config(&dir, &token_path, "");
         Self {
             dir,
             robin_ca,
@@ -127,6 +111,16 @@ source = {{ kind = "file", path = {tok:?} }}
         Proxy::new(&self.cfg).unwrap()
     }
 
+    /// The config with `extra` TOML lines appended to the rule (e.g. `upstream_tls_port = N`).
+    pub fn config_with(&self, extra: &str) -> config::Config {
+        load_config(&self.dir, &self.token_path, extra)
+    }
+
+    /// A proxy whose rule has `extra` TOML lines appended.
+    pub fn rule_proxy(&self, extra: &str) -> Proxy {
+        Proxy::new(&self.config_with(extra)).unwrap()
+    }
+
     pub fn proxy_with(&self, limits: Limits) -> Proxy {
         Proxy::with_limits(&self.cfg, limits).unwrap()
     }
@@ -137,6 +131,35 @@ source = {{ kind = "file", path = {tok:?} }}
         std::fs::write(&tmp, value).unwrap();
         std::fs::rename(tmp, &self.token_path).unwrap();
     }
+}
+
+/// The rule's lines that let its token go in cleartext to loopback upstreams.
+pub const PLAINTEXT_LOOPBACK: &str = r#"plaintext = { allow_cidrs = ["127.0.0.0/8"] }"#;
+
+/// Originates TLS for the rule's hosts to `port` on the dialled IP.
+pub fn tls_port(port: u16) -> String {
+    format!("upstream_tls_port = {port}")
+}
+
+fn load_config(dir: &std::path::Path, token_path: &std::path::Path, extra: &str) -> config::Config {
+    let toml = format!(
+        r#"
+[tls]
+ca_cert = {ca:?}
+ca_key = {key:?}
+upstream_roots = {up:?}
+
+[[inject]]
+hosts = ["{HOST}", "*.api.test"]
+source = {{ kind = "file", path = {tok:?} }}
+{extra}
+"#,
+        ca = dir.join("ca.crt"),
+        key = dir.join("ca.key"),
+        up = dir.join("up.crt"),
+        tok = token_path,
+    );
+    config::from_toml(&toml, "test.toml".as_ref(), &ConfigArgs::default()).unwrap()
 }
 
 impl Drop for Env {

@@ -1,0 +1,225 @@
+//! Per-request routing: which rule's token (if any) a request carries and where it goes.
+//!
+//! A token only ever travels to a peer that proved it is the ruled host, or to an address the
+//! rule explicitly allows in cleartext:
+//! - TLS the workload opened for a ruled SNI: to the dialled address over TLS verified for that
+//!   SNI, injected when the request's host is covered by the rule.
+//! - Plain HTTP: each request is routed on its own host (hyper's parse, never a sniffed guess).
+//!   A ruled host is originated over TLS to the dialled IP on the rule's `upstream_tls_port`,
+//!   verified for the host; with `plaintext.allow_cidrs` it goes in cleartext to a dialled IP in
+//!   those prefixes and is refused (421) elsewhere. Any other host goes to the dialled address
+//!   unchanged, without a token.
+use std::sync::Arc;
+
+use http::{
+    HeaderMap, Uri, Version,
+    header::HOST,
+    uri::{Authority, Scheme},
+};
+
+use super::{Rule, upstream::Target};
+use crate::{capture::OrigDst, config::normalize_host, tls::upstream::Alpn};
+
+/// How the requests of one connection are routed.
+pub enum Routes {
+    /// TLS terminated for `rule`, whose pattern matched the SNI `name`.
+    Tls {
+        rule: Arc<Rule>,
+        name: String,
+        alpn: Alpn,
+        orig: OrigDst,
+    },
+    /// Plain HTTP to `orig`; every rule may apply, request by request.
+    Plain {
+        rules: Arc<[Arc<Rule>]>,
+        orig: OrigDst,
+    },
+}
+
+/// Where one request goes, and with whose token.
+pub struct Route {
+    /// Inject this rule's credential.
+    pub rule: Option<Arc<Rule>>,
+    pub target: Target,
+    pub scheme: Scheme,
+    /// The host (and port) the upstream is asked for.
+    pub authority: Authority,
+}
+
+/// Why a request is answered by Robin without being forwarded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("invalid host")]
+    InvalidHost,
+    /// Several Host headers, or a Host that differs from the request target's authority: a
+    /// smuggling shape, never guessed at.
+    #[error("conflicting host")]
+    ConflictingHost,
+    /// A ruled host whose plaintext prefixes do not hold the dialled address.
+    #[error("{host} is not allowed in plaintext to {dst}")]
+    PlaintextRefused { host: String, dst: OrigDst },
+}
+
+/// The request's host as sent: the target's authority (absolute form, h2 `:authority`) or the
+/// one Host header; both present must agree.
+pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let header = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(h), None) => Some(h.to_str().map_err(|_| Refusal::InvalidHost)?),
+        (Some(_), Some(_)) => return Err(Refusal::ConflictingHost),
+    };
+    match (uri.authority().map(Authority::as_str), header) {
+        (Some(a), Some(h)) if normalize_host(a) != normalize_host(h) => {
+            Err(Refusal::ConflictingHost)
+        }
+        (Some(a), _) => Ok(Some(a.to_owned())),
+        (None, h) => Ok(h.map(str::to_owned)),
+    }
+}
+
+impl Routes {
+    /// `version`: the workload's HTTP version; an h2 request is originated offering h2 too
+    /// (gRPC servers often speak nothing else).
+    pub fn route(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        version: Version,
+    ) -> Result<Route, Refusal> {
+        let host = request_host(uri, headers)?;
+        match self {
+            Self::Tls {
+                rule,
+                name,
+                alpn,
+                orig,
+            } => {
+                // Without a host, only the verified SNI vouches for the destination.
+                let inject = host
+                    .as_deref()
+                    .is_none_or(|h| rule.cfg.matches(&normalize_host(h)));
+                Ok(Route {
+                    rule: inject.then(|| rule.clone()),
+                    target: Target {
+                        dst: *orig,
+                        tls_name: Some(name.clone()),
+                        alpn: *alpn,
+                    },
+                    scheme: Scheme::HTTPS,
+                    authority: parse_authority(host.as_deref().unwrap_or(name))?,
+                })
+            }
+            Self::Plain { rules, orig } => {
+                let normalized = host.as_deref().map(normalize_host);
+                let rule = normalized
+                    .as_deref()
+                    .and_then(|h| rules.iter().find(|r| r.cfg.matches(h)));
+                let authority = match &host {
+                    Some(h) => parse_authority(h)?,
+                    None => parse_authority(&orig.0.to_string())?,
+                };
+                match (rule, normalized) {
+                    (Some(rule), Some(name)) => {
+                        let alpn = if version == Version::HTTP_2 {
+                            Alpn::H2
+                        } else {
+                            Alpn::Http1
+                        };
+                        plain_ruled(rule, name, *orig, authority, alpn)
+                    }
+                    _ => Ok(Route {
+                        rule: None,
+                        target: plain_target(*orig),
+                        scheme: Scheme::HTTP,
+                        authority,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// A plain-HTTP request for a ruled host: cleartext only where the rule allows the dialled
+/// address, else TLS originated to that address, verified for the host.
+fn plain_ruled(
+    rule: &Arc<Rule>,
+    name: String,
+    orig: OrigDst,
+    authority: Authority,
+    alpn: Alpn,
+) -> Result<Route, Refusal> {
+    if rule.cfg.plaintext.is_some() {
+        if !rule.cfg.plaintext_allows(orig.0.ip()) {
+            return Err(Refusal::PlaintextRefused {
+                host: name,
+                dst: orig,
+            });
+        }
+        return Ok(Route {
+            rule: Some(rule.clone()),
+            target: plain_target(orig),
+            scheme: Scheme::HTTP,
+            authority,
+        });
+    }
+    let dst = OrigDst(std::net::SocketAddr::new(
+        orig.0.ip(),
+        rule.cfg.upstream_tls_port,
+    ));
+    Ok(Route {
+        rule: Some(rule.clone()),
+        target: Target {
+            dst,
+            tls_name: Some(name),
+            alpn,
+        },
+        scheme: Scheme::HTTPS,
+        authority,
+    })
+}
+
+fn plain_target(orig: OrigDst) -> Target {
+    Target {
+        dst: orig,
+        tls_name: None,
+        alpn: Alpn::Http1,
+    }
+}
+
+fn parse_authority(raw: &str) -> Result<Authority, Refusal> {
+    raw.parse().map_err(|_| Refusal::InvalidHost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn host(uri: &str, hosts: &[&str]) -> Result<Option<String>, Refusal> {
+        let mut h = HeaderMap::new();
+        for v in hosts {
+            h.append(HOST, HeaderValue::from_str(v).unwrap());
+        }
+        request_host(&uri.parse().unwrap(), &h)
+    }
+
+    #[test]
+    fn host_comes_from_the_target_or_the_one_host_header() {
+        assert_eq!(host("/x", &["a.test"]), Ok(Some("a.test".into())));
+        assert_eq!(host("http://a.test/x", &[]), Ok(Some("a.test".into())));
+        assert_eq!(
+            host("http://A.test:80/x", &["a.test"]),
+            Ok(Some("A.test:80".into()))
+        );
+        assert_eq!(host("/x", &[]), Ok(None));
+        assert_eq!(
+            host("/x", &["a.test", "a.test"]),
+            Err(Refusal::ConflictingHost)
+        );
+        assert_eq!(
+            host("http://b.test/", &["a.test"]),
+            Err(Refusal::ConflictingHost)
+        );
+    }
+}
