@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     let task = match &cli.command {
         Task::Setup => "setup",
         Task::Test { .. } => "test",
+        Task::Fuzz { .. } => "fuzz",
         Task::Demo => "demo",
         Task::Manifests => "manifests",
         Task::Bench { .. } => "bench",
