@@ -2,7 +2,6 @@
 //! intercept (terminate TLS with a minted leaf, inject the workload's token, forward to the
 //! original destination over verified TLS) or splice bytes through untouched.
 use std::{
-    os::fd::AsFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -23,6 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     capture::{ClientAddr, OrigDst},
     config::{Config, InjectRule},
+    conns::{Activity, Admitted},
     identity::{
         IdentityContext, IdentityError, IdentitySource, build_source_with, process_context,
     },
@@ -30,6 +30,7 @@ use crate::{
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
 
+mod busy;
 mod inject;
 mod intercept;
 mod linger;
@@ -95,6 +96,27 @@ impl Default for Limits {
             upstream_idle_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// HTTP/2 limits Robin applies both as a server (to workloads) and as a client (to upstreams),
+/// set explicitly rather than inherited from library defaults that change between releases.
+pub(crate) mod h2_limits {
+    /// Stream resets by the peer not yet accepted by Robin before the connection is closed
+    /// with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+    pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+    /// Streams Robin itself resets because of the peer's protocol errors before the connection
+    /// is closed (CVE-2024-2653-style CONTINUATION / malformed-frame floods).
+    pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
+    /// Flow-control windows: what a peer may have in flight unread, per stream and per
+    /// connection, which bounds the memory one connection can make Robin buffer.
+    pub const STREAM_WINDOW: u32 = 1 << 20;
+    pub const CONNECTION_WINDOW: u32 = 2 << 20;
+    pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
+    /// Bytes queued for sending per stream.
+    pub const MAX_SEND_BUF: usize = 256 * 1024;
+    /// Decoded size of an upstream's response header section (HPACK bombs stop here); towards
+    /// workloads `Limits::max_header_bytes` (64 KiB) applies.
+    pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 }
 
 /// Counters for metrics. Requests are counted by status class of what Robin answered the
@@ -296,14 +318,46 @@ impl Proxy {
 
     /// Handles one captured connection to completion.
     pub async fn serve(&self, stream: TcpStream, orig: OrigDst, client: ClientAddr) {
+        self.serve_tracked(stream, orig, client, Activity::none())
+            .await
+    }
+
+    /// As [`Proxy::serve`], for a connection admitted under the connection cap: it is dropped
+    /// (closed) if shed, and marks itself busy while a request is in flight or it is spliced.
+    pub async fn serve_admitted(
+        &self,
+        stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        conn: Admitted,
+    ) {
+        tokio::select! {
+            () = self.serve_tracked(stream, orig, client, conn.activity()) => {}
+            () = conn.shed() => debug!(%client, dst = %orig, "idle connection shed at the connection cap"),
+        }
+    }
+
+    async fn serve_tracked(
+        &self,
+        stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        activity: Activity,
+    ) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, %client, dst = %orig);
-        self.serve_inner(stream, orig, client)
+        self.serve_inner(stream, orig, client, activity)
             .instrument(span)
             .await
     }
 
-    async fn serve_inner(&self, mut stream: TcpStream, orig: OrigDst, client: ClientAddr) {
+    async fn serve_inner(
+        &self,
+        mut stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        activity: Activity,
+    ) {
         let start = Instant::now();
         let limits = &self.inner.limits;
         let _ = stream.set_nodelay(true);
@@ -331,6 +385,7 @@ impl Proxy {
         let name_field = name.as_deref().unwrap_or("-");
         match mode {
             Mode::Splice => {
+                let _busy = activity.busy();
                 let res = splice::splice(
                     stream,
                     &prefix,
@@ -364,15 +419,18 @@ impl Proxy {
                     .fetch_add(1, Ordering::Relaxed);
                 let counts = Arc::new(ByteCounts::default());
                 counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-                // A second descriptor keeps the socket alive after hyper drops its own.
-                let linger = stream.as_fd().try_clone_to_owned().ok();
-                let io = Rewind::new(prefix, stream, counts.clone());
+                // The socket comes back when hyper drops it, so an error close can linger
+                // without a second descriptor held for the connection's life.
+                let (socket, handback) = linger::Handback::new(stream);
+                let io = Rewind::new(prefix, socket, counts.clone());
                 let label = rule.label.clone();
-                let res = self.intercept(io, orig, rule, name.clone(), tls).await;
+                let res = self
+                    .intercept(io, orig, rule, name.clone(), tls, activity)
+                    .await;
                 // Only an error close needs it (a 431 or 400 with the client still sending);
-                // after an upgrade the tunnel still owns the socket.
-                if let (Some(fd), true) = (linger, res.is_err()) {
-                    tokio::spawn(linger::lingering_close(fd));
+                // after an upgrade the tunnel still owns the socket and nothing is handed back.
+                if let (Some(stream), true) = (handback.take(), res.is_err()) {
+                    tokio::spawn(linger::lingering_close(stream));
                 }
                 let ms = start.elapsed().as_millis() as u64;
                 let up = counts.up.load(Ordering::Relaxed);
@@ -395,11 +453,12 @@ impl Proxy {
 
     async fn intercept(
         &self,
-        io: Rewind<TcpStream>,
+        io: Rewind<linger::Handback>,
         orig: OrigDst,
         rule: Arc<Rule>,
         name: String,
         tls: bool,
+        activity: Activity,
     ) -> Result<(), String> {
         let limits = &self.inner.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -415,7 +474,13 @@ impl Proxy {
             .keep_alive_interval(limits.h2_keep_alive)
             .keep_alive_timeout(limits.h2_keep_alive)
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
+            .initial_stream_window_size(h2_limits::STREAM_WINDOW)
+            .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
+            .max_frame_size(h2_limits::MAX_FRAME_SIZE)
+            .max_send_buf_size(h2_limits::MAX_SEND_BUF);
 
         let target = |alpn| Target {
             dst: orig,
@@ -435,8 +500,12 @@ impl Proxy {
         if !tls {
             let ctx = ctx(Alpn::Http1, Scheme::HTTP);
             let span = tracing::Span::current();
-            let svc =
-                service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+            let svc = service_fn(move |req| {
+                busy::tracked(
+                    activity.busy(),
+                    intercept::handle(ctx.clone(), req).instrument(span.clone()),
+                )
+            });
             return builder
                 .http1_only()
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
@@ -458,8 +527,12 @@ impl Proxy {
         let ctx = ctx(alpn, Scheme::HTTPS);
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
         let span = tracing::Span::current();
-        let svc =
-            service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+        let svc = service_fn(move |req| {
+            busy::tracked(
+                activity.busy(),
+                intercept::handle(ctx.clone(), req).instrument(span.clone()),
+            )
+        });
         builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .await
