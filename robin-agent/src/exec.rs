@@ -80,7 +80,7 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         listener.clone(),
         proxy,
         in_flight.clone(),
-        conns,
+        conns.clone(),
     ));
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
@@ -88,6 +88,12 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         .context("waiting for the command")?;
     serve.abort();
     crate::proxy::drain(&in_flight, DRAIN_TIMEOUT).await;
+    // `robin exec` has no metrics endpoint: the cap's effect goes in the last log record.
+    tracing::info!(
+        shed = conns.shed_total(),
+        max_connections = conns.cap(),
+        "connections shed at the connection cap"
+    );
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);

@@ -3,7 +3,7 @@
 //! original destination over verified TLS) or splice bytes through untouched.
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use hyper_util::{
 };
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::{
     capture::{ClientAddr, OrigDst},
@@ -221,6 +221,32 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// A connection's log span, made on first use: by its first request, or when it is spliced.
+/// A connection that never gets that far (idle, or stalled in its handshake) makes none. The
+/// subscriber pools per-span state and keeps it, so a flood of idle connections that each made
+/// a span would leave that state scattered over the heap, pinning pages the flood freed.
+struct ConnSpan {
+    id: u64,
+    client: ClientAddr,
+    orig: OrigDst,
+    span: OnceLock<Span>,
+}
+
+impl ConnSpan {
+    fn get(&self) -> Span {
+        self.span
+            .get_or_init(
+                || info_span!("conn", id = self.id, client = %self.client, dst = %self.orig),
+            )
+            .clone()
+    }
+
+    /// The span if one was made, for the connection's closing line.
+    fn made(&self) -> Span {
+        self.span.get().cloned().unwrap_or_else(Span::none)
+    }
+}
+
 enum Mode {
     Intercept(Arc<Rule>, String),
     Splice,
@@ -344,10 +370,13 @@ impl Proxy {
         client: ClientAddr,
         activity: Activity,
     ) {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("conn", id, %client, dst = %orig);
-        self.serve_inner(stream, orig, client, activity)
-            .instrument(span)
+        let span = ConnSpan {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            client,
+            orig,
+            span: OnceLock::new(),
+        };
+        self.serve_inner(stream, orig, client, activity, Arc::new(span))
             .await
     }
 
@@ -357,6 +386,7 @@ impl Proxy {
         orig: OrigDst,
         client: ClientAddr,
         activity: Activity,
+        conn_span: Arc<ConnSpan>,
     ) {
         let start = Instant::now();
         let limits = &self.inner.limits;
@@ -365,7 +395,7 @@ impl Proxy {
             match sniff::read_prefix(&mut stream, limits.sniff_bytes, limits.sniff_timeout).await {
                 Ok(p) => p,
                 Err(e) => {
-                    debug!(error = %e, "reading first bytes failed");
+                    debug!(%client, dst = %orig, error = %e, "reading first bytes failed");
                     self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -386,6 +416,7 @@ impl Proxy {
         match mode {
             Mode::Splice => {
                 let _busy = activity.busy();
+                let span = conn_span.get();
                 let res = splice::splice(
                     stream,
                     &prefix,
@@ -393,6 +424,7 @@ impl Proxy {
                     limits.connect_timeout,
                     &self.inner.dialer,
                 )
+                .instrument(span.clone())
                 .await;
                 let ms = start.elapsed().as_millis() as u64;
                 match res {
@@ -401,14 +433,14 @@ impl Proxy {
                         stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
                         stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
                         stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
-                        info!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
+                        info!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
                     }
                     Err(e) => {
                         self.inner
                             .stats
                             .conn_splice_failed
                             .fetch_add(1, Ordering::Relaxed);
-                        warn!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
+                        warn!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
                     }
                 }
             }
@@ -425,7 +457,7 @@ impl Proxy {
                 let io = Rewind::new(prefix, socket, counts.clone());
                 let label = rule.label.clone();
                 let res = self
-                    .intercept(io, orig, rule, name.clone(), tls, activity)
+                    .intercept(io, rule, name.clone(), tls, activity, &conn_span)
                     .await;
                 // Only an error close needs it (a 431 or 400 with the client still sending);
                 // after an upgrade the tunnel still owns the socket and nothing is handed back.
@@ -438,13 +470,14 @@ impl Proxy {
                 let stats = &self.inner.stats;
                 stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
                 stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
+                let span = conn_span.made();
                 match res {
                     Ok(()) => {
-                        info!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
+                        info!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
                     }
                     Err(e) => {
                         self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
+                        warn!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
                     }
                 }
             }
@@ -454,12 +487,13 @@ impl Proxy {
     async fn intercept(
         &self,
         io: Rewind<linger::Handback>,
-        orig: OrigDst,
         rule: Arc<Rule>,
         name: String,
         tls: bool,
         activity: Activity,
+        conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
+        let orig = conn_span.orig;
         let limits = &self.inner.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -499,11 +533,11 @@ impl Proxy {
 
         if !tls {
             let ctx = ctx(Alpn::Http1, Scheme::HTTP);
-            let span = tracing::Span::current();
+            let conn_span = conn_span.clone();
             let svc = service_fn(move |req| {
                 busy::tracked(
                     activity.busy(),
-                    intercept::handle(ctx.clone(), req).instrument(span.clone()),
+                    intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
                 )
             });
             return builder
@@ -526,11 +560,11 @@ impl Proxy {
         };
         let ctx = ctx(alpn, Scheme::HTTPS);
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
-        let span = tracing::Span::current();
+        let conn_span = conn_span.clone();
         let svc = service_fn(move |req| {
             busy::tracked(
                 activity.busy(),
-                intercept::handle(ctx.clone(), req).instrument(span.clone()),
+                intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
             )
         });
         builder

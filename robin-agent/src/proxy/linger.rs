@@ -116,7 +116,7 @@ impl AsyncWrite for Handback {
 pub async fn lingering_close(mut stream: TcpStream) {
     // FIN after whatever hyper already queued (the error response, TLS close_notify).
     let _ = stream.shutdown().await;
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 4 * 1024];
     let drain = async {
         let mut total = 0;
         while total < LINGER_BYTES {
