@@ -357,4 +357,22 @@ mod tests {
         let pods = debug_pods(&shared).unwrap();
         assert!(pods.contains("\"listener_port\": 15001"), "{pods}");
     }
+
+    #[test]
+    fn connection_cap_metrics() {
+        let shared = NodeShared::default();
+        let conns = crate::conns::Connections::new(1);
+        let _ = shared.connections.set(conns.clone());
+        let first = conns.admit().expect("room");
+        let _second = conns.admit().expect("sheds the first");
+        drop(first);
+        let m = metrics(&shared);
+        assert!(
+            m.contains("# TYPE robin_connections_shed_total counter\n"),
+            "{m}"
+        );
+        assert!(m.contains("robin_connections_shed_total 1\n"), "{m}");
+        assert!(m.contains("robin_connections_open 1\n"), "{m}");
+        assert!(m.contains("robin_connections_max 1\n"), "{m}");
+    }
 }
