@@ -75,6 +75,18 @@ impl World {
 
     /// `robin exec [robin_args] -- robin-attack ... SCENARIO N` in the pod namespace.
     fn start(&self, robin_args: &[&str], scenario: &str, n: usize) -> Robin {
+        self.start_limited(robin_args, scenario, n, None)
+    }
+
+    /// As [`World::start`], with `RLIMIT_NOFILE` (soft and hard) set to `nofile` for Robin and,
+    /// through it, the attacker.
+    fn start_limited(
+        &self,
+        robin_args: &[&str],
+        scenario: &str,
+        n: usize,
+        nofile: Option<u64>,
+    ) -> Robin {
         let log = self.dir.path().join(format!("robin-{scenario}.log"));
         let mut cmd = tokio::process::Command::new("ip");
         cmd.args(["netns", "exec", self.topo.pod.name()])
@@ -94,6 +106,19 @@ impl World {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("robin log file"))
             .kill_on_drop(true);
+        if let Some(limit) = nofile {
+            // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("starting robin exec");
         // `ip netns exec` execs robin in place: the child's pid is robin's.
         let pid = child.id().expect("robin pid");
@@ -415,4 +440,37 @@ async fn the_connection_cap_sheds_the_newest_idle_connections() {
             panic!("robin exec logs its shed count when it exits: {tail:#?}")
         });
     assert_eq!(summary["shed"], expected.len(), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_descriptor_limit_token_reads_and_upstream_dials_still_work() {
+    // With 1,000 descriptors, 485 idle connections used to exhaust them: the next request got
+    // "503 reading token: Too many open files". Now the default cap, (1000 - 256) * 3/4 = 558,
+    // sheds the newest idle ones and leaves descriptors for the token file and the upstream.
+    const NOFILE: u64 = 1_000;
+    const CAP: usize = 558;
+    const OPENED: usize = 880 + 20;
+    let w = World::new();
+    let robin = w.start_limited(&[], "cap", OPENED - 20, Some(NOFILE));
+    let log = robin.log.clone();
+    let v = robin.finish().await;
+    let logs = std::fs::read_to_string(log).unwrap_or_default();
+    eprintln!(
+        "descriptor limit: failed {}, closed {}, legit {} in {} ms",
+        v["failed"],
+        v["closed"].as_array().map_or(0, Vec::len),
+        v["legit_status"],
+        v["legit_ms"]
+    );
+    assert_eq!(v["failed"], 0, "no connection refused outright: {v}");
+    assert_legit(&v);
+    assert_eq!(
+        v["closed"].as_array().map_or(0, Vec::len),
+        OPENED - CAP + 1,
+        "the connections past the cap (and one for the legitimate request) were shed"
+    );
+    assert!(
+        !logs.contains("Too many open files"),
+        "Robin ran out of descriptors"
+    );
 }
