@@ -184,6 +184,8 @@ impl Connections {
         tokio::time::sleep(ACCEPT_BACKOFF).await;
     }
 
+    /// A request arriving in the instant between the choice and the close is cut like any
+    /// reset connection; the client sees the connection close before any response.
     fn shed_newest_idle(&self, slots: &mut BTreeMap<u64, Arc<Slot>>) -> bool {
         let victim = slots
             .iter()

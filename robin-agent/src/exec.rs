@@ -94,6 +94,15 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         max_connections = conns.cap(),
         "connections shed at the connection cap"
     );
+    for (reason, n) in capturer.refused_connects().snapshot() {
+        if n > 0 {
+            tracing::warn!(
+                reason = reason.label(),
+                refused = n,
+                "captured connects refused in the kernel"
+            );
+        }
+    }
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);
