@@ -4,9 +4,13 @@
   workload.py udp HOST PORT                    -> {"reply": "..."}
   workload.py burst CONCURRENCY TOTAL HOST:PORT...
         -> {"ok": n, "mismatch": n, "errors": n, "first_problem": "..."}
+  workload.py hold-then-connect HOST PORT
+        -> {"first": "...", "second": "..." | null, "second_error": "EPERM" | null}
+        (the first connection stays open while the second is dialled)
 Each captured connection is answered "robin <orig-dst>", a direct one "direct".
 """
 import asyncio
+import errno
 import json
 import socket
 import sys
@@ -53,6 +57,19 @@ def udp(host, port):
     return {"reply": sock.recv(100).decode().strip()}
 
 
+def hold_then_connect(host, port):
+    first = socket.create_connection((host, port), TIMEOUT)
+    out = {"first": read_line(first), "second": None, "second_error": None}
+    try:
+        second = socket.create_connection((host, port), TIMEOUT)
+        out["second"] = read_line(second)
+        second.close()
+    except OSError as e:
+        out["second_error"] = errno.errorcode.get(e.errno, str(e))
+    first.close()
+    return out
+
+
 async def one(target, results):
     host, port = target.rsplit(":", 1)
     try:
@@ -87,6 +104,8 @@ def main():
         out = connect(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif cmd == "udp":
         out = udp(sys.argv[2], int(sys.argv[3]))
+    elif cmd == "hold-then-connect":
+        out = hold_then_connect(sys.argv[2], int(sys.argv[3]))
     elif cmd == "burst":
         out = asyncio.run(burst(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]))
     else:

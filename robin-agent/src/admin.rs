@@ -273,7 +273,52 @@ pub fn metrics(shared: &NodeShared) -> String {
             ("result=\"mint_error\"".into(), t.leaf_mint_errors),
         ],
     );
+    write_capacity(&mut out, shared);
     out
+}
+
+/// Process-wide families: the connection cap and connects the kernel refused.
+fn write_capacity(out: &mut String, shared: &NodeShared) {
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    if let Some(c) = shared.connections.get() {
+        let one = |v: usize| vec![(String::new(), v as u64)];
+        family(
+            "robin_connections_open",
+            "gauge",
+            "Client connections open now.",
+            one(c.open()),
+        );
+        family(
+            "robin_connections_max",
+            "gauge",
+            "The connection cap (max_connections).",
+            one(c.cap()),
+        );
+        family(
+            "robin_connections_shed_total",
+            "counter",
+            "Client connections closed at the connection cap (newest idle first).",
+            vec![(String::new(), c.shed_total())],
+        );
+    }
+    if let Some(r) = shared.capture_refused.get() {
+        let samples = r
+            .snapshot()
+            .into_iter()
+            .map(|(reason, n)| (format!("{{reason=\"{}\"}}", reason.label()), n))
+            .collect();
+        family(
+            "robin_capture_refused_total",
+            "counter",
+            "Captured connects refused in the kernel (never let through uncaptured), by reason.",
+            samples,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -327,5 +372,23 @@ mod tests {
         let pods = debug_pods(&shared).unwrap();
         assert!(pods.contains("\"listener_port\": 15001"), "{pods}");
         assert!(pods.contains("\"state\": \"captured\""), "{pods}");
+    }
+
+    #[test]
+    fn connection_cap_metrics() {
+        let shared = NodeShared::default();
+        let conns = crate::conns::Connections::new(1);
+        let _ = shared.connections.set(conns.clone());
+        let first = conns.admit().expect("room");
+        let _second = conns.admit().expect("sheds the first");
+        drop(first);
+        let m = metrics(&shared);
+        assert!(
+            m.contains("# TYPE robin_connections_shed_total counter\n"),
+            "{m}"
+        );
+        assert!(m.contains("robin_connections_shed_total 1\n"), "{m}");
+        assert!(m.contains("robin_connections_open 1\n"), "{m}");
+        assert!(m.contains("robin_connections_max 1\n"), "{m}");
     }
 }

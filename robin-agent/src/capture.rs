@@ -9,7 +9,9 @@ pub mod listener;
 pub mod netns;
 
 pub use cgroup::{Cgroup, Cgroup2Mount, find_cgroup2_mount};
-pub use ebpf::{Attachment, CaptureSettings, Capturer, OrigDstTable, PinDir, ReplaceError};
+pub use ebpf::{
+    Attachment, CaptureSettings, Capturer, OrigDstTable, PinDir, RefusedConnects, ReplaceError,
+};
 pub use listener::{CapturedListener, ListenerPorts};
 pub use netns::NetNs;
 

@@ -25,6 +25,7 @@ pub const ENV_CA_KEY: &str = "ROBIN_CA_KEY";
 pub const ENV_UPSTREAM_ROOTS: &str = "ROBIN_UPSTREAM_ROOTS";
 pub const ENV_CAPTURE_PORTS: &str = "ROBIN_CAPTURE_PORTS";
 pub const ENV_LISTENER_PORT: &str = "ROBIN_LISTENER_PORT";
+pub const ENV_MAX_CONNECTIONS: &str = "ROBIN_MAX_CONNECTIONS";
 
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 pub const DEFAULT_HEADER: &str = "Authorization";
@@ -66,6 +67,10 @@ pub struct ConfigArgs {
     /// Port of the proxy listener; 0 picks a free one.
     #[arg(long, env = ENV_LISTENER_PORT, value_name = "PORT")]
     pub listener_port: Option<u16>,
+    /// Most client connections served at once; beyond it the newest idle ones are shed.
+    /// Default: derived from the descriptor limit.
+    #[arg(long, env = ENV_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +122,7 @@ struct RawTls {
 struct RawCapture {
     ports: Option<Vec<u16>>,
     listener_port: Option<u16>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +166,8 @@ pub struct CaptureSettings {
     pub ports: Vec<u16>,
     /// 0 = pick a free port.
     pub listener_port: u16,
+    /// Cap on client connections; `None`: derived from `RLIMIT_NOFILE` (see `conns`).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -453,6 +461,10 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
         .listener_port
         .or(raw.capture.listener_port)
         .unwrap_or(0);
+    let max_connections = args.max_connections.or(raw.capture.max_connections);
+    if max_connections == Some(0) {
+        return Err(invalid("capture.max_connections", "must be at least 1"));
+    }
 
     let mut inject = Vec::with_capacity(raw.inject.len());
     for (i, rule) in raw.inject.into_iter().enumerate() {
@@ -506,6 +518,7 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
         capture: CaptureSettings {
             ports,
             listener_port,
+            max_connections,
         },
         inject,
     })

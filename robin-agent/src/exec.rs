@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use crate::{
     capture::{self, CaptureSettings, CapturedListener, Capturer, Cgroup, Cgroup2Mount, NetNs},
     config::{self, ConfigArgs},
+    conns::{self, Connections},
     proxy::Proxy,
 };
 
@@ -49,6 +50,9 @@ pub fn main(args: ExecArgs) -> anyhow::Result<ExitCode> {
 async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
     let proxy = Proxy::new(&cfg).context("starting the proxy")?;
     tracing::info!(config = ?cfg, "effective configuration");
+    let nofile = conns::raise_nofile_limit();
+    let conns = Connections::for_limit(cfg.capture.max_connections, nofile);
+    tokio::spawn(conns::trim_when_load_falls(conns.clone()));
     let mut capturer = Capturer::load().context("loading eBPF capture")?;
     let netns = NetNs::current()?;
     let listener = Arc::new(
@@ -72,13 +76,33 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
     );
 
     let in_flight = Arc::new(());
-    let serve = tokio::spawn(accept_loop(listener.clone(), proxy, in_flight.clone()));
+    let serve = tokio::spawn(accept_loop(
+        listener.clone(),
+        proxy,
+        in_flight.clone(),
+        conns.clone(),
+    ));
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
         .await
         .context("waiting for the command")?;
     serve.abort();
     crate::proxy::drain(&in_flight, DRAIN_TIMEOUT).await;
+    // `robin exec` has no metrics endpoint: the cap's effect goes in the last log record.
+    tracing::info!(
+        shed = conns.shed_total(),
+        max_connections = conns.cap(),
+        "connections shed at the connection cap"
+    );
+    for (reason, n) in capturer.refused_connects().snapshot() {
+        if n > 0 {
+            tracing::warn!(
+                reason = reason.label(),
+                refused = n,
+                "captured connects refused in the kernel"
+            );
+        }
+    }
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);
@@ -88,22 +112,26 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
 /// Longest wait, once CMD has exited, for its connections to finish (and be logged).
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn accept_loop(listener: Arc<CapturedListener>, proxy: Proxy, in_flight: Arc<()>) {
+async fn accept_loop(
+    listener: Arc<CapturedListener>,
+    proxy: Proxy,
+    in_flight: Arc<()>,
+    conns: Arc<Connections>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, orig, client)) => {
+                let Some(conn) = conns.admit() else {
+                    continue;
+                };
                 let proxy = proxy.clone();
                 let guard = in_flight.clone();
                 tokio::spawn(async move {
-                    proxy.serve(stream, orig, client).await;
+                    proxy.serve_admitted(stream, orig, client, conn).await;
                     drop(guard);
                 });
             }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) => conns.accept_failed(&e).await,
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod conns;
 pub mod exec;
 pub mod identity;
 pub mod metrics;

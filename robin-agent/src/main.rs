@@ -32,7 +32,8 @@ enum Command {
     /// this pod's ServiceAccount token (no anonymous auth needed).
     OidcGateway(robin_agent::oidc_gateway::GatewayArgs),
     /// DaemonSet mode: capture and serve the annotated pods of this node.
-    Node(robin_agent::node::NodeArgs),
+    // Boxed: its flags make it several times larger than the other variants.
+    Node(Box<robin_agent::node::NodeArgs>),
     /// For a pod's init container: return once robin node has captured this pod.
     Await(robin_agent::node::wait::AwaitArgs),
     /// Mutating admission webhook: give pods annotated robin.dev/inject their token volume,
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exec(args) => robin_agent::exec::main(args),
         Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
-        Command::Node(args) => robin_agent::node::main(args),
+        Command::Node(args) => robin_agent::node::main(*args),
         Command::Await(args) => robin_agent::node::wait::main(args),
         Command::Webhook(args) => robin_agent::webhook::main(args),
     };

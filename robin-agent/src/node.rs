@@ -35,6 +35,7 @@ use crate::{
         self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs, PinDir,
     },
     config::ConfigArgs,
+    conns::Connections,
     identity::{self, PodRef},
     podfs::{PodFs, PodRoot},
     proxy::{Dialer, Limits, Proxy},
@@ -320,6 +321,9 @@ pub struct NodeShared {
     /// Proxies of captured pods, by uid (for metrics).
     pub proxies: Mutex<BTreeMap<String, Proxy>>,
     pub retired: Mutex<Totals>,
+    /// The client connection cap shared by every pod's accept loop.
+    pub connections: std::sync::OnceLock<Arc<crate::conns::Connections>>,
+    pub capture_refused: std::sync::OnceLock<Arc<capture::RefusedConnects>>,
 }
 
 impl NodeShared {
@@ -363,6 +367,10 @@ pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
 
 async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(NodeShared::default());
+    let nofile = crate::conns::raise_nofile_limit();
+    let conns = Connections::for_limit(cfg.base.capture.max_connections, nofile);
+    tokio::spawn(crate::conns::trim_when_load_falls(conns.clone()));
+    let _ = shared.connections.set(conns);
     // The CA was loaded and checked against its key by the config loader.
     shared.ca_loaded.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -374,6 +382,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     );
     let pins = PinDir::open(&args.bpf_pin_dir).context("opening the bpffs pin directory")?;
     let capturer = Capturer::load_pinned(pins).context("loading eBPF capture")?;
+    let _ = shared.capture_refused.set(capturer.refused_connects());
     let adopted = capturer.adopt_pinned();
     tracing::info!(
         pin_dir = %args.bpf_pin_dir.display(),
@@ -812,7 +821,12 @@ impl Reconciler {
         let (proxy_tx, proxy_rx) = watch::channel(proxy.clone());
         let span = tracing::info_span!("pod", pod = %pod.key());
         let serve = tokio::spawn(tracing::Instrument::instrument(
-            accept_loop(listener, proxy_rx, self.in_flight.clone()),
+            accept_loop(
+                listener,
+                proxy_rx,
+                self.in_flight.clone(),
+                self.connections(),
+            ),
             span,
         ));
         self.shared
@@ -995,6 +1009,14 @@ impl Reconciler {
         }
     }
 
+    fn connections(&self) -> Arc<Connections> {
+        self.shared
+            .connections
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Connections::new(usize::MAX))
+    }
+
     /// The pod is gone or no longer opted in.
     fn forget(&mut self, uid: &str) {
         self.release(uid);
@@ -1017,6 +1039,7 @@ async fn accept_loop(
     listener: Arc<CapturedListener>,
     proxy: watch::Receiver<Proxy>,
     in_flight: Arc<()>,
+    conns: Arc<Connections>,
 ) {
     loop {
         match listener.accept().await {
@@ -1030,17 +1053,17 @@ async fn accept_loop(
                     });
                     continue;
                 }
+                let Some(conn) = conns.admit() else {
+                    continue;
+                };
                 let proxy = proxy.borrow().clone();
                 let guard = in_flight.clone();
                 tokio::spawn(async move {
-                    proxy.serve(stream, orig, client).await;
+                    proxy.serve_admitted(stream, orig, client, conn).await;
                     drop(guard);
                 });
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => conns.accept_failed(&e).await,
         }
     }
 }

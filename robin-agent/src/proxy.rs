@@ -3,9 +3,8 @@
 //! original destination over verified TLS), serve plain HTTP request by request (see
 //! [`route`]), or splice bytes through untouched.
 use std::{
-    os::fd::AsFd,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -19,11 +18,12 @@ use hyper_util::{
 };
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::{
     capture::{ClientAddr, OrigDst},
     config::{Config, InjectRule},
+    conns::{Activity, Admitted},
     identity::{
         IdentityContext, IdentityError, IdentitySource, build_source_with, process_context,
     },
@@ -31,6 +31,7 @@ use crate::{
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
 
+mod busy;
 mod inject;
 mod intercept;
 mod linger;
@@ -98,6 +99,27 @@ impl Default for Limits {
             upstream_idle_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// HTTP/2 limits Robin applies both as a server (to workloads) and as a client (to upstreams),
+/// set explicitly rather than inherited from library defaults that change between releases.
+pub(crate) mod h2_limits {
+    /// Stream resets by the peer not yet accepted by Robin before the connection is closed
+    /// with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+    pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+    /// Streams Robin itself resets because of the peer's protocol errors before the connection
+    /// is closed (CVE-2024-2653-style CONTINUATION / malformed-frame floods).
+    pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
+    /// Flow-control windows: what a peer may have in flight unread, per stream and per
+    /// connection, which bounds the memory one connection can make Robin buffer.
+    pub const STREAM_WINDOW: u32 = 1 << 20;
+    pub const CONNECTION_WINDOW: u32 = 2 << 20;
+    pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
+    /// Bytes queued for sending per stream.
+    pub const MAX_SEND_BUF: usize = 256 * 1024;
+    /// Decoded size of an upstream's response header section (HPACK bombs stop here); towards
+    /// workloads `Limits::max_header_bytes` (64 KiB) applies.
+    pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 }
 
 /// Counters for metrics. Requests are counted by status class of what Robin answered the
@@ -204,6 +226,32 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// A connection's log span, made on first use: by its first request, or when it is spliced.
+/// A connection that never gets that far (idle, or stalled in its handshake) makes none. The
+/// subscriber pools per-span state and keeps it, so a flood of idle connections that each made
+/// a span would leave that state scattered over the heap, pinning pages the flood freed.
+struct ConnSpan {
+    id: u64,
+    client: ClientAddr,
+    orig: OrigDst,
+    span: OnceLock<Span>,
+}
+
+impl ConnSpan {
+    fn get(&self) -> Span {
+        self.span
+            .get_or_init(
+                || info_span!("conn", id = self.id, client = %self.client, dst = %self.orig),
+            )
+            .clone()
+    }
+
+    /// The span if one was made, for the connection's closing line.
+    fn made(&self) -> Span {
+        self.span.get().cloned().unwrap_or_else(Span::none)
+    }
+}
+
 enum Mode {
     /// TLS for a ruled SNI (`Some`), or plain HTTP routed request by request (`None`).
     Intercept(Option<Arc<Rule>>, String),
@@ -302,14 +350,50 @@ impl Proxy {
 
     /// Handles one captured connection to completion.
     pub async fn serve(&self, stream: TcpStream, orig: OrigDst, client: ClientAddr) {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("conn", id, %client, dst = %orig);
-        self.serve_inner(stream, orig, client)
-            .instrument(span)
+        self.serve_tracked(stream, orig, client, Activity::none())
             .await
     }
 
-    async fn serve_inner(&self, mut stream: TcpStream, orig: OrigDst, client: ClientAddr) {
+    /// As [`Proxy::serve`], for a connection admitted under the connection cap: it is dropped
+    /// (closed) if shed, and marks itself busy while a request is in flight or it is spliced.
+    pub async fn serve_admitted(
+        &self,
+        stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        conn: Admitted,
+    ) {
+        tokio::select! {
+            () = self.serve_tracked(stream, orig, client, conn.activity()) => {}
+            () = conn.shed() => debug!(%client, dst = %orig, "idle connection shed at the connection cap"),
+        }
+    }
+
+    async fn serve_tracked(
+        &self,
+        stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        activity: Activity,
+    ) {
+        let span = ConnSpan {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            client,
+            orig,
+            span: OnceLock::new(),
+        };
+        self.serve_inner(stream, orig, client, activity, Arc::new(span))
+            .await
+    }
+
+    async fn serve_inner(
+        &self,
+        mut stream: TcpStream,
+        orig: OrigDst,
+        client: ClientAddr,
+        activity: Activity,
+        conn_span: Arc<ConnSpan>,
+    ) {
         let start = Instant::now();
         let limits = &self.inner.limits;
         let _ = stream.set_nodelay(true);
@@ -317,7 +401,7 @@ impl Proxy {
             match sniff::read_prefix(&mut stream, limits.sniff_bytes, limits.sniff_timeout).await {
                 Ok(p) => p,
                 Err(e) => {
-                    debug!(error = %e, "reading first bytes failed");
+                    debug!(%client, dst = %orig, error = %e, "reading first bytes failed");
                     self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -341,6 +425,8 @@ impl Proxy {
         let name_field = name.as_deref().unwrap_or("-");
         match mode {
             Mode::Splice => {
+                let _busy = activity.busy();
+                let span = conn_span.get();
                 let res = splice::splice(
                     stream,
                     &prefix,
@@ -348,6 +434,7 @@ impl Proxy {
                     limits.connect_timeout,
                     &self.inner.dialer,
                 )
+                .instrument(span.clone())
                 .await;
                 let ms = start.elapsed().as_millis() as u64;
                 match res {
@@ -356,14 +443,14 @@ impl Proxy {
                         stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
                         stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
                         stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
-                        info!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
+                        info!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
                     }
                     Err(e) => {
                         self.inner
                             .stats
                             .conn_splice_failed
                             .fetch_add(1, Ordering::Relaxed);
-                        warn!(%client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
+                        warn!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
                     }
                 }
             }
@@ -374,17 +461,20 @@ impl Proxy {
                     .fetch_add(1, Ordering::Relaxed);
                 let counts = Arc::new(ByteCounts::default());
                 counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-                // A second descriptor keeps the socket alive after hyper drops its own.
-                let linger = stream.as_fd().try_clone_to_owned().ok();
-                let io = Rewind::new(prefix, stream, counts.clone());
+                // The socket comes back when hyper drops it, so an error close can linger
+                // without a second descriptor held for the connection's life.
+                let (socket, handback) = linger::Handback::new(stream);
+                let io = Rewind::new(prefix, socket, counts.clone());
                 let label = rule
                     .as_ref()
                     .map_or_else(|| "-".to_owned(), |r| r.label.clone());
-                let res = self.intercept(io, orig, rule, name.clone()).await;
+                let res = self
+                    .intercept(io, rule, name.clone(), activity, &conn_span)
+                    .await;
                 // Only an error close needs it (a 431 or 400 with the client still sending);
-                // after an upgrade the tunnel still owns the socket.
-                if let (Some(fd), true) = (linger, res.is_err()) {
-                    tokio::spawn(linger::lingering_close(fd));
+                // after an upgrade the tunnel still owns the socket and nothing is handed back.
+                if let (Some(stream), true) = (handback.take(), res.is_err()) {
+                    tokio::spawn(linger::lingering_close(stream));
                 }
                 let ms = start.elapsed().as_millis() as u64;
                 let up = counts.up.load(Ordering::Relaxed);
@@ -392,13 +482,14 @@ impl Proxy {
                 let stats = &self.inner.stats;
                 stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
                 stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
+                let span = conn_span.made();
                 match res {
                     Ok(()) => {
-                        info!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
+                        info!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
                     }
                     Err(e) => {
                         self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(%client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
+                        warn!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
                     }
                 }
             }
@@ -407,11 +498,13 @@ impl Proxy {
 
     async fn intercept(
         &self,
-        io: Rewind<TcpStream>,
-        orig: OrigDst,
+        io: Rewind<linger::Handback>,
         rule: Option<Arc<Rule>>,
         name: String,
+        activity: Activity,
+        conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
+        let orig = conn_span.orig;
         let limits = &self.inner.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -426,7 +519,13 @@ impl Proxy {
             .keep_alive_interval(limits.h2_keep_alive)
             .keep_alive_timeout(limits.h2_keep_alive)
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
+            .initial_stream_window_size(h2_limits::STREAM_WINDOW)
+            .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
+            .max_frame_size(h2_limits::MAX_FRAME_SIZE)
+            .max_send_buf_size(h2_limits::MAX_SEND_BUF);
 
         let ctx = |routes| {
             Arc::new(intercept::ConnCtx {
@@ -441,9 +540,13 @@ impl Proxy {
                 rules: self.inner.rules.clone(),
                 orig,
             });
-            let span = tracing::Span::current();
-            let svc =
-                service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+            let conn_span = conn_span.clone();
+            let svc = service_fn(move |req| {
+                busy::tracked(
+                    activity.busy(),
+                    intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
+                )
+            });
             // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
             return builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
@@ -469,9 +572,13 @@ impl Proxy {
             orig,
         });
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
-        let span = tracing::Span::current();
-        let svc =
-            service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+        let conn_span = conn_span.clone();
+        let svc = service_fn(move |req| {
+            busy::tracked(
+                activity.busy(),
+                intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
+            )
+        });
         builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .await

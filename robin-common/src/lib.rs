@@ -11,6 +11,7 @@ pub mod names {
     pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
     pub const SOCK_ORIG_DST: &str = "SOCK_ORIG_DST";
     pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+    pub const CAPTURE_REFUSED: &str = "CAPTURE_REFUSED";
 }
 
 /// `AF_INET` / `AF_INET6` as the kernel spells them.
@@ -115,6 +116,31 @@ pub struct PeerKey {
     pub wire_family: u16,
     pub _pad: u32,
 }
+
+/// Why `connect4` / `connect6` refused a captured connect (the workload sees `EPERM`). The
+/// value indexes the per-CPU `u64` counters of `CAPTURE_REFUSED`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The socket's original-destination record could not be stored: redirecting would leave
+    /// the proxy unable to attribute the connection, and letting it through would bypass
+    /// capture.
+    RecordStore = 0,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 1] = [RefusalReason::RecordStore];
+
+    /// The `reason` label of `robin_capture_refused_total`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            RefusalReason::RecordStore => "record_store_failed",
+        }
+    }
+}
+
+/// Entries of `CAPTURE_REFUSED`: one per [`RefusalReason`].
+pub const REFUSAL_REASONS: u32 = RefusalReason::ALL.len() as u32;
 
 #[cfg(feature = "user")]
 mod user {

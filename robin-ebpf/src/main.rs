@@ -8,8 +8,10 @@
 //!   are deleted when the socket closes.
 //! * `getpeername4` / `getpeername6`: the workload is told the address it dialled.
 //!
-//! Every program returns 1 (allow): capture never denies a connect. Fail-closed comes from the
-//! redirect itself — with no listener, a redirected connect is refused by the kernel.
+//! Capture fails closed. A captured connect is refused (return 0: the workload sees `EPERM`) when
+//! its original-destination record cannot be stored, and counted by reason in `CAPTURE_REFUSED`;
+//! it is never let through uncaptured. Otherwise every program returns 1 (allow), and with no
+//! listener a redirected connect is refused by the kernel.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -26,12 +28,13 @@ mod programs {
             bpf_get_socket_cookie,
         },
         macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{HashMap, LruHashMap},
+        maps::{HashMap, LruHashMap, PerCpuArray},
         programs::{SockAddrContext, SockOpsContext},
     };
     use robin_common::{
         AF_INET, AF_INET6, CaptureConfig, MAX_CAPTURE_PORTS, MAX_CAPTURED_CGROUPS,
-        MAX_CGROUP_DEPTH, MAX_EXCLUDES, MAX_TRACKED_SOCKETS, OrigDst, PeerKey, SockRecord,
+        MAX_CGROUP_DEPTH, MAX_EXCLUDES, MAX_TRACKED_SOCKETS, OrigDst, PeerKey, REFUSAL_REASONS,
+        RefusalReason, SockRecord,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -52,6 +55,24 @@ mod programs {
     #[map]
     static ORIG_DST_BY_PEER: LruHashMap<PeerKey, OrigDst> =
         LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+    /// Refused captured connects by [`RefusalReason`]; read and summed over CPUs by the agent.
+    #[map]
+    static CAPTURE_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(REFUSAL_REASONS, 0);
+
+    const ALLOW: i32 = 1;
+    const REFUSE: i32 = 0;
+
+    /// Counts the refusal and returns the verdict that makes `connect()` fail with `EPERM`.
+    #[inline(always)]
+    fn refuse(reason: RefusalReason) -> i32 {
+        if let Some(n) = CAPTURE_REFUSED.get_ptr_mut(reason as u32) {
+            // SAFETY: the pointer is this CPU's slot of a live map entry, valid for the
+            // program's run; a program is not migrated off its CPU while it runs.
+            unsafe { *n += 1 };
+        }
+        REFUSE
+    }
 
     const fn ipv4(a: u8, b: u8, c: u8, d: u8) -> u32 {
         u32::from_ne_bytes([a, b, c, d])
@@ -140,29 +161,40 @@ mod programs {
     }
 
     #[inline(always)]
-    fn remember(ctx: &SockAddrContext, orig: OrigDst, wire_family: u16) -> Result<(), i64> {
+    fn remember(
+        ctx: &SockAddrContext,
+        orig: OrigDst,
+        wire_family: u16,
+    ) -> Result<(), RefusalReason> {
+        // SAFETY: `ctx` is the program's own `bpf_sock_addr` context, valid for this call.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let record = SockRecord {
             orig,
             wire_family,
             _pad: [0; 3],
         };
-        SOCK_ORIG_DST.insert(cookie, record, 0).map_err(i64::from)
+        SOCK_ORIG_DST
+            .insert(cookie, record, 0)
+            .map_err(|_| RefusalReason::RecordStore)
     }
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
-        let _ = try_connect4(&ctx);
-        1
+        match try_connect4(&ctx) {
+            Ok(()) => ALLOW,
+            Err(reason) => refuse(reason),
+        }
     }
 
-    fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
+    fn try_connect4(ctx: &SockAddrContext) -> Result<(), RefusalReason> {
         if !is_tcp(ctx) {
             return Ok(());
         }
         let Some(cfg) = capture_config() else {
             return Ok(());
         };
+        // SAFETY: `sock_addr` is the kernel's context for this run, writable by
+        // cgroup_sock_addr programs; no other reference to it exists.
         let sa = unsafe { &mut *ctx.sock_addr };
         let ip = sa.user_ip4;
         let port = u16::from_be(sa.user_port as u16);
@@ -174,8 +206,8 @@ mod programs {
             port,
             addr: [ip, 0, 0, 0],
         };
-        // Record first: if the map is full we would rather not redirect a connection the proxy
-        // cannot attribute (it would be refused there, which is still fail-closed).
+        // Record first: a connection the proxy cannot attribute is not redirected, and not let
+        // through either — the `?` refuses the connect.
         remember(ctx, orig, AF_INET)?;
         sa.user_ip4 = LOOPBACK4;
         sa.user_port = u32::from(cfg.listener_port.to_be());
@@ -184,17 +216,21 @@ mod programs {
 
     #[cgroup_sock_addr(connect6)]
     pub fn connect6(ctx: SockAddrContext) -> i32 {
-        let _ = try_connect6(&ctx);
-        1
+        match try_connect6(&ctx) {
+            Ok(()) => ALLOW,
+            Err(reason) => refuse(reason),
+        }
     }
 
-    fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
+    fn try_connect6(ctx: &SockAddrContext) -> Result<(), RefusalReason> {
         if !is_tcp(ctx) {
             return Ok(());
         }
         let Some(cfg) = capture_config() else {
             return Ok(());
         };
+        // SAFETY: `sock_addr` is the kernel's context for this run, writable by
+        // cgroup_sock_addr programs; no other reference to it exists.
         let sa = unsafe { &mut *ctx.sock_addr };
         let ip = [
             sa.user_ip6[0],

@@ -13,9 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use robin_agent::capture::{Attachment, CaptureSettings, CapturedListener, Capturer};
+use robin_agent::capture::{Attachment, CaptureSettings, CapturedListener, Capturer, PinDir};
+use robin_common::{RefusalReason, SockRecord};
 use robin_e2e::{
-    Cgroup, Topology, command_in, output_within, require_privileges, workload_cgroup,
+    BpfPins, Cgroup, Topology, command_in, output_within, require_privileges, workload_cgroup,
     workload_script,
 };
 use tokio::io::AsyncWriteExt;
@@ -36,8 +37,12 @@ struct World {
 impl World {
     async fn new(extra_addrs: u8, ports: Vec<u16>) -> Self {
         require_privileges();
+        let capturer = Capturer::load().expect("loading the eBPF object");
+        Self::with_capturer(capturer, extra_addrs, ports).await
+    }
+
+    async fn with_capturer(mut capturer: Capturer, extra_addrs: u8, ports: Vec<u16>) -> Self {
         let topo = Topology::new(extra_addrs);
-        let mut capturer = Capturer::load().expect("loading the eBPF object");
         let listener = Arc::new(
             CapturedListener::bind(&topo.pod.handle(), 0, capturer.orig_dst_table())
                 .expect("binding the listener in the pod netns"),
@@ -320,5 +325,128 @@ async fn thousands_of_concurrent_connects_each_recover_their_own_destination() {
         w.capturer.tracked_sockets(),
         0,
         "per-socket records leaked after close"
+    );
+}
+
+/// Pins a plain (non-LRU) hash map with room for one record where `Capturer::load_pinned` looks
+/// for `SOCK_ORIG_DST`, so the kernel really fails to store a second record (`E2BIG`); the
+/// production map is an LRU, whose inserts practically never fail, so this is how a test gets
+/// the failure the programs must handle.
+fn pin_one_slot_record_map(pins: &BpfPins) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        rest: [u8; 112],
+    }
+    let dir = pins.path().join("maps/v1");
+    std::fs::create_dir_all(&dir).expect("creating the map pin directory");
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 8,
+        value_size: std::mem::size_of::<SockRecord>() as u32,
+        max_entries: 1,
+        rest: [0; 112],
+    };
+    // SAFETY: `attr` is a valid, zero-padded `union bpf_attr` for BPF_MAP_CREATE of its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const attr,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let path = std::ffi::CString::new(
+        dir.join("SOCK_ORIG_DST")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("pin path");
+    let pin = ObjPin {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+        rest: [0; 112],
+    };
+    // SAFETY: `pin` points at a NUL-terminated path that outlives the call; `fd` is ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const pin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the descriptor this function created; the pin keeps the map.
+    unsafe { libc::close(fd as libc::c_int) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_whose_record_cannot_be_stored_is_refused_and_counted() {
+    require_privileges();
+    let pins = BpfPins::new();
+    pin_one_slot_record_map(&pins);
+    let capturer = Capturer::load_pinned(PinDir::open(pins.path()).expect("pin dir"))
+        .expect("loading the eBPF object over the pinned map");
+    let refused = capturer.refused_connects();
+    let w = World::with_capturer(capturer, 0, vec![CAPTURED_PORT]).await;
+    let up = IpAddr::from(w.topo.upstream_ip4);
+
+    // The first connection holds the only record slot while the second is dialled.
+    let script = workload_script();
+    let cmd = command_in(
+        &w.topo.pod,
+        Some(&w.cgroup),
+        "python3",
+        &[
+            script.to_str().expect("utf-8"),
+            "hold-then-connect",
+            &up.to_string(),
+            &CAPTURED_PORT.to_string(),
+        ],
+    );
+    let out = output_within(cmd, LIMIT).await;
+    assert!(
+        out.status.success(),
+        "workload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("workload JSON");
+    assert_eq!(v["first"], format!("robin {up}:{CAPTURED_PORT}"), "{v}");
+    assert_eq!(
+        v["second"],
+        serde_json::Value::Null,
+        "the second connect must not get through (\"direct\" = uncaptured): {v}"
+    );
+    assert_eq!(v["second_error"], "EPERM", "{v}");
+    assert_eq!(
+        w.served.load(Ordering::SeqCst),
+        1,
+        "only the first reached Robin"
+    );
+    assert_eq!(
+        refused.snapshot(),
+        vec![(RefusalReason::RecordStore, 1)],
+        "the refusal is counted by reason"
     );
 }

@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError},
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         cgroup_sock_addr::CgroupSockAddrLinkId,
@@ -30,7 +30,7 @@ use aya::{
 };
 use robin_common::{
     AF_INET, AF_INET6, CaptureConfig, MAX_CAPTURE_PORTS, MAX_EXCLUDES, PeerKey, Prefix4, Prefix6,
-    SockRecord, names,
+    RefusalReason, SockRecord, names,
 };
 
 use super::{Cgroup, OrigDst, cgroup::CgroupError};
@@ -98,7 +98,7 @@ const MAP_ABI_VERSION: u32 = 1;
 /// Where `robin node` pins its state (default `/sys/fs/bpf/robin`):
 ///
 /// ```text
-/// maps/v1/{CAPTURE_CONFIG,SOCK_ORIG_DST,ORIG_DST_BY_PEER}
+/// maps/v1/{CAPTURE_CONFIG,SOCK_ORIG_DST,ORIG_DST_BY_PEER,CAPTURE_REFUSED}
 /// cgroups/<cgroup id>/{sock_ops,getpeername4,getpeername6,connect4,connect6}   (links)
 /// ```
 ///
@@ -300,6 +300,28 @@ impl OrigDstTable {
     }
 }
 
+/// Captured connects the kernel refused, by reason (see `robin_common::RefusalReason`).
+pub struct RefusedConnects {
+    map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl RefusedConnects {
+    /// Each reason with its count, summed over CPUs. An unreadable slot reads as 0.
+    pub fn snapshot(&self) -> Vec<(RefusalReason, u64)> {
+        let map = self.map.lock().expect("refusal map lock");
+        RefusalReason::ALL
+            .iter()
+            .map(|&r| {
+                let n = map
+                    .get(&(r as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (r, n)
+            })
+            .collect()
+    }
+}
+
 /// A failed [`Capturer::attach_replacing`]: the error, and the previous attachment, still in
 /// place, if there was one.
 #[derive(Debug)]
@@ -343,6 +365,7 @@ pub struct Capturer {
     config: BpfHashMap<MapData, u64, CaptureConfig>,
     sockets: BpfHashMap<MapData, u64, SockRecord>,
     table: Arc<OrigDstTable>,
+    refused: Arc<RefusedConnects>,
     pins: Option<PinDir>,
 }
 
@@ -362,6 +385,7 @@ impl Capturer {
             names::CAPTURE_CONFIG,
             names::SOCK_ORIG_DST,
             names::ORIG_DST_BY_PEER,
+            names::CAPTURE_REFUSED,
         ]
         .map(|name| (name, maps.join(name)));
         let mut loader = EbpfLoader::new();
@@ -392,13 +416,23 @@ impl Capturer {
         let config = take_hash_map(&mut ebpf, names::CAPTURE_CONFIG)?;
         let sockets = take_hash_map(&mut ebpf, names::SOCK_ORIG_DST)?;
         let by_peer = take_hash_map(&mut ebpf, names::ORIG_DST_BY_PEER)?;
-        release_load_heap();
+        let refused = ebpf
+            .take_map(names::CAPTURE_REFUSED)
+            .ok_or(CaptureError::Missing(names::CAPTURE_REFUSED))?;
+        let refused = PerCpuArray::try_from(refused)
+            .map_err(|e| CaptureError::Map(names::CAPTURE_REFUSED, e))?;
+        // Loading parses the kernel's BTF twice (~19 MiB of short-lived allocations), ~15 of
+        // the ~25 MiB RSS of an idle agent unless handed back.
+        crate::conns::trim_heap();
         Ok(Self {
             ebpf,
             config,
             sockets,
             table: Arc::new(OrigDstTable {
                 map: Mutex::new(by_peer),
+            }),
+            refused: Arc::new(RefusedConnects {
+                map: Mutex::new(refused),
             }),
             pins,
         })
@@ -458,6 +492,11 @@ impl Capturer {
 
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.table.clone()
+    }
+
+    /// Counters of captured connects the kernel refused rather than let through uncaptured.
+    pub fn refused_connects(&self) -> Arc<RefusedConnects> {
+        self.refused.clone()
     }
 
     /// Per-socket records alive in the kernel (sockets redirected and not yet closed).
@@ -752,17 +791,6 @@ impl Capturer {
             .ok_or(CaptureError::Missing(name))?
             .try_into()
             .map_err(|e| CaptureError::Program(name, e))
-    }
-}
-
-/// Hands the heap freed by the load back to the kernel. Loading parses the kernel's BTF twice
-/// (~19 MiB of short-lived allocations) and glibc keeps such memory mapped unless asked: it was
-/// ~15 of the ~25 MiB RSS of an idle agent.
-fn release_load_heap() {
-    // SAFETY: malloc_trim only returns free pages to the kernel; no allocation is touched.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -32,7 +32,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{Instrument, debug};
 
-use super::ProxyStats;
+use super::{ProxyStats, h2_limits};
 use crate::{
     capture::{NetNs, OrigDst},
     tls::{UpstreamTls, upstream::Alpn},
@@ -448,6 +448,13 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(h2_limits::MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
+        .initial_stream_window_size(h2_limits::STREAM_WINDOW)
+        .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
+        .max_frame_size(h2_limits::MAX_FRAME_SIZE)
+        .max_send_buf_size(h2_limits::MAX_SEND_BUF)
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Handshake(dst, e))?;
