@@ -276,3 +276,38 @@ fn version(cmd: &str, args: &[&str]) -> String {
         })
         .unwrap_or_else(|_| format!("{cmd}: not installed"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::world::asset_vars;
+
+    /// Every asset is complete with the variables the world gives it, and the peers get one
+    /// worker per core, as Robin does.
+    #[test]
+    fn every_asset_fills_and_peers_get_every_core() {
+        let mut vars = asset_vars(Path::new("/bench"));
+        vars.extend(port_vars());
+        for (k, v) in [("SQUID_DIR", "/bench/squid"), ("LISTENER_PORT", "0")] {
+            vars.push((k, v.into()));
+        }
+        vars.extend([("NS", "ns".into()), ("LISTEN", "127.0.0.1:1".into())]);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let fill = |asset| assets::fill(asset, &vars).unwrap();
+        for asset in [
+            assets::NGINX_UPSTREAM,
+            assets::NGINX_CAPTURE,
+            assets::ENVOY,
+            assets::SQUID,
+        ] {
+            fill(asset);
+        }
+        fill(assets::MITM_INJECT);
+        assert!(
+            fill(assets::ROBIN).contains("hosts = [\"bench.test\", \"h1.test\", \"*.mint.test\"]")
+        );
+        let cores = Settings::workers();
+        assert!(fill(assets::NGINX_PEER).contains(&format!("worker_processes {cores};")));
+        assert!(fill(assets::HAPROXY).contains(&format!("nbthread {cores}\n")));
+    }
+}

@@ -89,7 +89,7 @@ pub fn render(
     intro(&mut r, h, s)?;
     main_table(&mut r, main)?;
     added_latency(&mut r, main)?;
-    verdict(&mut r, violations)?;
+    verdict(&mut r, violations, main.iter().chain(capture))?;
     capture_table(&mut r, capture, s)?;
     robin_per_scenario(&mut r, main)?;
     robin_figures(&mut r, extras)?;
@@ -194,11 +194,23 @@ fn added_latency(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
     Ok(())
 }
 
-fn verdict(r: &mut String, violations: &[Violation]) -> std::fmt::Result {
+fn verdict<'a>(
+    r: &mut String,
+    violations: &[Violation],
+    outcomes: impl Iterator<Item = &'a Outcome>,
+) -> std::fmt::Result {
+    let unguarded: Vec<String> = outcomes
+        .filter_map(|o| Some(format!("{} ({})", o.title, o.unguarded?)))
+        .collect();
+    let unguarded = if unguarded.is_empty() {
+        String::new()
+    } else {
+        format!(" Not judged: {}.", unguarded.join("; "))
+    };
     if violations.is_empty() {
         return writeln!(
             r,
-            "**Sanity guard: passed** — no proxied path's median exceeds direct's best round × {}.\n",
+            "**Sanity guard: passed** — no proxied path's median exceeds direct's best round × {}.{unguarded}\n",
             guard::MARGIN
         );
     }
@@ -210,7 +222,7 @@ fn verdict(r: &mut String, violations: &[Violation]) -> std::fmt::Result {
     for v in violations {
         writeln!(r, "* {v}")?;
     }
-    writeln!(r)
+    writeln!(r, "{}", unguarded.trim_start())
 }
 
 fn capture_table(r: &mut String, capture: &[Outcome], s: &Settings) -> std::fmt::Result {
@@ -386,6 +398,7 @@ mod tests {
                 result("nginx", Role::Peer, &[80.0, 80.0, 80.0], None),
                 result("squid", Role::Peer, &[], Some("a | b")),
             ],
+            unguarded: None,
         }
     }
 

@@ -52,6 +52,8 @@ pub struct Scenario {
     pub title: String,
     pub load: Load,
     pub paths: Vec<PathSpec>,
+    /// Why the sanity guard does not apply to this scenario, if it does not.
+    pub unguarded: Option<&'static str>,
 }
 
 /// A path's runs (the warm-up excluded), or why it failed.
@@ -66,6 +68,7 @@ pub struct Outcome {
     pub title: String,
     pub unit: &'static str,
     pub results: Vec<PathResult>,
+    pub unguarded: Option<&'static str>,
 }
 
 /// How many rounds and how long each run.
@@ -102,8 +105,18 @@ pub fn run(scn: &Scenario, plan: &Plan, robin_bin: &Path) -> anyhow::Result<Outc
                 continue;
             }
             match run_once(&scn.load, &res.spec, seconds, robin_bin) {
-                Ok(m) if round.is_some() => res.runs.push(m),
-                Ok(_) => {}
+                Ok(m) => {
+                    let when = round.map_or("warm-up".into(), |r| format!("round {}", r + 1));
+                    println!(
+                        "   {when:>8} {:<36} {:.1} {}",
+                        res.spec.label,
+                        m.rate,
+                        scn.load.unit()
+                    );
+                    if round.is_some() {
+                        res.runs.push(m);
+                    }
+                }
                 Err(e) if res.spec.role == Role::Peer => res.error = Some(first_line(&e)),
                 Err(e) => return Err(e.context(format!("{}: {}", scn.title, res.spec.label))),
             }
@@ -113,6 +126,7 @@ pub fn run(scn: &Scenario, plan: &Plan, robin_bin: &Path) -> anyhow::Result<Outc
         title: scn.title.clone(),
         unit: scn.load.unit(),
         results,
+        unguarded: scn.unguarded,
     })
 }
 
@@ -204,6 +218,7 @@ fn profile_prefix(cmd: &mut Command) {
     if let Some(dir) = std::env::var_os("ROBIN_BENCH_PROFILE") {
         let n = RUN.fetch_add(1, Ordering::Relaxed);
         let out = Path::new(&dir).join(format!("robin-{n:02}.data"));
+        println!("   perf record → {}", out.display());
         cmd.args(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o"])
             .arg(out)
             .arg("--");

@@ -112,8 +112,14 @@ fn scenario(title: &str, load: Load, paths: Vec<PathSpec>) -> Scenario {
         title: title.into(),
         load,
         paths,
+        unguarded: None,
     }
 }
+
+/// With a new connection per request, the direct path pays the upstream's TLS handshake
+/// (nginx, OpenSSL 3.0) and a pooling proxy pays its own instead: a proxy with a cheaper
+/// handshake can beat direct for real (Envoy on BoringSSL did, 1.22×, in the old full run).
+const HANDSHAKE_SWAP: &str = "a pooling proxy's own TLS handshake replaces the upstream's";
 
 fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
     let config = world.dir.join("robin.toml");
@@ -160,11 +166,14 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
             h2(Some(world.dir.join(GRPC_REQUEST))),
             p.of(&grpc, main(false)),
         ),
-        scenario(
-            "TLS intercept + inject, new connection per request",
-            wrk(c, true),
-            p.of(&small, main(true)),
-        ),
+        Scenario {
+            unguarded: Some(HANDSHAKE_SWAP),
+            ..scenario(
+                "TLS intercept + inject, new connection per request",
+                wrk(c, true),
+                p.of(&small, main(true)),
+            )
+        },
         scenario(
             "plain HTTP inject, keep-alive",
             wrk(c, false),

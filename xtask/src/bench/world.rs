@@ -89,16 +89,7 @@ impl World {
 
     /// Values every asset may use.
     pub fn vars(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("DIR", self.dir.display().to_string()),
-            ("WORKERS", Settings::workers().to_string()),
-            ("UPSTREAM_IP", UPSTREAM_IP.into()),
-            ("H1_IP", H1_IP.into()),
-            ("RULED", RULED.into()),
-            ("H1_HOST", H1_HOST.into()),
-            ("MINT_SUFFIX", MINT_SUFFIX.into()),
-            ("TOKEN", TOKEN.into()),
-        ]
+        asset_vars(&self.dir)
     }
 
     /// Fills `template` with `vars()` plus `extra` and writes it to `name` in the world's dir.
@@ -224,6 +215,20 @@ fn namespaces() -> anyhow::Result<()> {
          ip -n {UPSTREAM_NS} addr add {H1_IP}/24 dev rbench-u; ip -n {UPSTREAM_NS} link set rbench-u up
          ip netns exec {CLIENT_NS} sysctl -qw net.ipv4.tcp_tw_reuse=1 'net.ipv4.ip_local_port_range=1024 65535'"
     ))
+}
+
+/// Values every asset may use, for a world whose files are in `dir`.
+pub fn asset_vars(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("DIR", dir.display().to_string()),
+        ("WORKERS", Settings::workers().to_string()),
+        ("UPSTREAM_IP", UPSTREAM_IP.into()),
+        ("H1_IP", H1_IP.into()),
+        ("RULED", RULED.into()),
+        ("H1_HOST", H1_HOST.into()),
+        ("MINT_SUFFIX", MINT_SUFFIX.into()),
+        ("TOKEN", TOKEN.into()),
+    ]
 }
 
 pub fn wait_for_port(ns: &str, url: &str) -> anyhow::Result<()> {
