@@ -68,9 +68,9 @@ impl Settings {
         if smoke {
             Settings {
                 smoke,
-                seconds: 2,
+                seconds: 1,
                 warmup_seconds: 1,
-                rounds: 3,
+                rounds: 5,
                 large_mib: 64,
                 full_peers: false,
                 idle_connections: 1000,

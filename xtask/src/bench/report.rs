@@ -210,7 +210,7 @@ fn verdict<'a>(
     if violations.is_empty() {
         return writeln!(
             r,
-            "**Sanity guard: passed** — no proxied path's median exceeds direct's best round × {}.{unguarded}\n",
+            "**Sanity guard: passed** — no proxied path's worst round beats direct's best round × {}.{unguarded}\n",
             guard::MARGIN
         );
     }
@@ -434,13 +434,13 @@ mod tests {
             scenario: "bulk".into(),
             path: "robin",
             unit: "MiB/s",
-            median: 800.0,
+            min: 800.0,
             direct_max: 300.0,
         }];
         let text = render(&header(), &s, &[], &[], &Extras::default(), &v).unwrap();
         assert!(text.contains("Sanity guard: FAILED"), "{text}");
         assert!(
-            text.contains("* bulk: robin median 800.0 MiB/s > direct's best round 300.0"),
+            text.contains("* bulk: robin's worst round 800.0 MiB/s > direct's best round 300.0"),
             "{text}"
         );
     }
