@@ -202,9 +202,9 @@ impl World {
 
 /// Client and upstream namespaces joined by veth; the upstream holds a second address for its
 /// HTTP/1.1-only listener. The client namespace may reuse TIME_WAIT ports for its outgoing
-/// connections (`tcp_tw_reuse=1`, the usual load-generator setting): without it a
-/// connection-per-request run towards one address and port slows down as TIME_WAIT sockets pile
-/// up from the previous runs, and which path ran before would decide the figure.
+/// connections (`tcp_tw_reuse=1`, the usual load-generator setting), so that TIME_WAIT sockets
+/// piled up by earlier runs towards the upstream's one address and port cannot slow a later
+/// connection-per-request run: which path ran before must not decide a figure.
 fn namespaces() -> anyhow::Result<()> {
     sh(&format!(
         "ip netns add {CLIENT_NS}; ip netns add {UPSTREAM_NS}
