@@ -165,8 +165,14 @@ fn start_squid(world: &mut World) -> anyhow::Result<()> {
     let mut vars = port_vars();
     vars.push(("SQUID_DIR", sqd));
     let conf = world.write_asset("squid/squid.conf", assets::SQUID, &vars)?;
-    // SIGKILL at cleanup (World::drop): squid takes ~30 s to leave after SIGTERM.
-    world.spawn(CLIENT_NS, "squid", &["-N", "-f", &conf.to_string_lossy()])
+    // `--foreground` keeps the master (and its workers, same process group) attached; `-N`
+    // would run a single process. SIGKILL at cleanup (World::drop): squid takes ~30 s to leave
+    // after SIGTERM.
+    world.spawn(
+        CLIENT_NS,
+        "squid",
+        &["--foreground", "-f", &conf.to_string_lossy()],
+    )
 }
 
 /// mitmproxy: transparent mode with an addon setting the header; its CA is the same as squid's.
@@ -308,6 +314,7 @@ mod tests {
         );
         let cores = Settings::workers();
         assert!(fill(assets::NGINX_PEER).contains(&format!("worker_processes {cores};")));
+        assert!(fill(assets::SQUID).contains(&format!("workers {cores}\n")));
         assert!(fill(assets::HAPROXY).contains(&format!("nbthread {cores}\n")));
     }
 }
