@@ -1,0 +1,447 @@
+//! The Markdown report (`bench/results/smoke.md`, `latest.md`): date, machine, the table of
+//! medians with their spread, the sanity guard's verdict, the capture-cost section and Robin's
+//! resources. Rendering is a pure function of the figures, so it is unit-tested.
+use std::{fmt::Write as _, fs, process::Command};
+
+use super::{
+    CONNECTIONS, Settings,
+    guard::{self, Violation},
+    peers,
+    resources::Extras,
+    rounds::{NOISY_SPREAD, Outcome, PathResult, Role},
+};
+
+/// When and where the run happened.
+pub struct Header {
+    pub date: String,
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub load_start: String,
+    pub load_end: String,
+    pub robin: String,
+    pub versions: Vec<String>,
+}
+
+impl Header {
+    /// Taken before the run starts; `finish` adds what is known only at its end.
+    pub fn now(s: &Settings) -> anyhow::Result<Header> {
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()?
+            .stdout;
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Ok(Header {
+            date: String::from_utf8_lossy(&date).trim().to_owned(),
+            cores: Settings::workers(),
+            cpu: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map_or("unknown CPU".into(), |(_, v)| v.trim().to_owned()),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or("unknown".into(), |k| k.trim().to_owned()),
+            load_start: loadavg(),
+            load_end: String::new(),
+            robin: match std::env::var_os("ROBIN_BENCH_BIN") {
+                Some(bin) => format!("robin from ROBIN_BENCH_BIN={}", bin.to_string_lossy()),
+                None => "robin (this tree, release build)".into(),
+            },
+            versions: peers::versions(s.full_peers),
+        })
+    }
+
+    pub fn finish(mut self) -> Header {
+        self.load_end = loadavg();
+        self
+    }
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.3}"))
+}
+
+fn rate(v: f64, unit: &str) -> String {
+    if unit == "req/s" {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+pub fn render(
+    h: &Header,
+    s: &Settings,
+    main: &[Outcome],
+    capture: &[Outcome],
+    extras: &Extras,
+    violations: &[Violation],
+) -> anyhow::Result<String> {
+    let mut r = String::new();
+    intro(&mut r, h, s)?;
+    main_table(&mut r, main)?;
+    added_latency(&mut r, main)?;
+    verdict(&mut r, violations, main.iter().chain(capture))?;
+    capture_table(&mut r, capture, s)?;
+    robin_per_scenario(&mut r, main)?;
+    robin_figures(&mut r, extras)?;
+    writeln!(r, "Versions: {}; {}.", h.robin, h.versions.join("; "))?;
+    Ok(r)
+}
+
+fn intro(r: &mut String, h: &Header, s: &Settings) -> std::fmt::Result {
+    let mode = if s.smoke { " (smoke)" } else { "" };
+    writeln!(r, "# Robin benchmark{mode} — {}\n", h.date)?;
+    writeln!(
+        r,
+        "Machine: {} cores, {}, Linux {}. Load average (1/5/15 min) {} at the start, {} at the end; \
+         compare ratios from quiet runs only.\n",
+        h.cores, h.cpu, h.kernel, h.load_start, h.load_end
+    )?;
+    writeln!(
+        r,
+        "Every path of a scenario ran once to warm up ({} s), then in {} interleaved rounds of {} s, \
+         the order rotated each round. Shown: the median, the range over the rounds and the spread \
+         ((max − min) ÷ median; above {:.0} % the row is marked noisy). {CONNECTIONS} connections \
+         unless the scenario says otherwise; load from wrk (h1), h2load (h2, gRPC), curl (download). \
+         Robin captures with eBPF (`robin exec -- <load>`); each peer injects the same header, runs \
+         one worker per core ({} here) and is reached as the `capture` column says. \
+         `robin ÷ this` divides Robin's median by the row's.\n",
+        s.warmup_seconds,
+        s.rounds,
+        s.seconds,
+        NOISY_SPREAD * 100.0,
+        h.cores
+    )
+}
+
+fn main_table(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
+    writeln!(
+        r,
+        "| scenario | path | capture | median | min–max | spread | p50 ms | p99 ms | mean ms | robin ÷ this |"
+    )?;
+    writeln!(
+        r,
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    for o in main {
+        let robin = o.by_role(Role::Robin).and_then(PathResult::rate);
+        for res in &o.results {
+            let cells = rate_cells(res, o.unit);
+            let ratio = match (robin, res.rate(), res.spec.role) {
+                (Some(rb), Some(this), Role::Direct | Role::Peer) if this.median > 0.0 => {
+                    format!("{:.2}", rb.median / this.median)
+                }
+                _ => "–".into(),
+            };
+            writeln!(
+                r,
+                "| {} | {} | {} | {cells} | {} | {} | {} | {ratio} |",
+                o.title,
+                res.spec.label,
+                res.spec.capture,
+                opt(res.median_of(|m| m.p50_ms)),
+                opt(res.median_of(|m| m.p99_ms)),
+                opt(res.median_of(|m| m.mean_ms)),
+            )?;
+        }
+    }
+    writeln!(r)
+}
+
+/// "median | min–max | spread" of a path's rate, or its failure across the three cells.
+fn rate_cells(res: &PathResult, unit: &str) -> String {
+    if let Some(e) = &res.error {
+        return format!("failed: {} | |", e.replace('|', "/"));
+    }
+    match res.rate() {
+        Some(sum) => format!(
+            "{} {unit} | {}–{} | {:.0} %{}",
+            rate(sum.median, unit),
+            rate(sum.min, unit),
+            rate(sum.max, unit),
+            sum.spread() * 100.0,
+            if sum.noisy() { " **noisy**" } else { "" }
+        ),
+        None => "– | – | –".into(),
+    }
+}
+
+fn added_latency(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
+    let before = r.len();
+    for o in main.iter().filter(|o| o.title.ends_with("(latency)")) {
+        let p50 = |role| o.by_role(role).and_then(|p| p.median_of(|m| m.p50_ms));
+        if let (Some(robin), Some(direct)) = (p50(Role::Robin), p50(Role::Direct)) {
+            writeln!(
+                r,
+                "Added p50, {}: {:+.0} µs (robin {robin:.3} ms, direct {direct:.3} ms, medians).",
+                o.title.trim_end_matches(" (latency)"),
+                (robin - direct) * 1000.0,
+            )?;
+        }
+    }
+    if r.len() > before {
+        writeln!(r)?;
+    }
+    Ok(())
+}
+
+fn verdict<'a>(
+    r: &mut String,
+    violations: &[Violation],
+    outcomes: impl Iterator<Item = &'a Outcome>,
+) -> std::fmt::Result {
+    let unguarded: Vec<String> = outcomes
+        .filter_map(|o| Some(format!("{} ({})", o.title, o.unguarded?)))
+        .collect();
+    let unguarded = if unguarded.is_empty() {
+        String::new()
+    } else {
+        format!(" Not judged: {}.", unguarded.join("; "))
+    };
+    if violations.is_empty() {
+        return writeln!(
+            r,
+            "**Sanity guard: passed** — no proxied path's worst round beats direct's best round × {}.{unguarded}\n",
+            guard::MARGIN
+        );
+    }
+    writeln!(
+        r,
+        "**Sanity guard: FAILED** — these proxied paths beat direct by more than the noise, so the \
+         measurement is broken and this report must not be quoted:\n"
+    )?;
+    for v in violations {
+        writeln!(r, "* {v}")?;
+    }
+    writeln!(r, "{}", unguarded.trim_start())
+}
+
+fn capture_table(r: &mut String, capture: &[Outcome], s: &Settings) -> std::fmt::Result {
+    if capture.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        r,
+        "Capture mechanism alone (trivial nginx on loopback of a namespace of its own; Robin's proxy \
+         is not on this path; {} interleaved rounds of {} s per path, medians):\n",
+        s.rounds, s.cap_seconds
+    )?;
+    writeln!(
+        r,
+        "| connections | path | req/s | min–max | spread | p50 ms | ÷ direct req/s | p50 − direct µs |"
+    )?;
+    writeln!(r, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    for o in capture {
+        let direct = o.by_role(Role::Direct);
+        let d_rate = direct.and_then(PathResult::rate).map(|s| s.median);
+        let d_p50 = direct.and_then(|d| d.median_of(|m| m.p50_ms));
+        for res in &o.results {
+            let p50 = res.median_of(|m| m.p50_ms);
+            let ratio = match (res.rate(), d_rate) {
+                (Some(this), Some(d)) if d > 0.0 => format!("{:.2}", this.median / d),
+                _ => "–".into(),
+            };
+            let dp50 = match (p50, d_p50) {
+                (Some(a), Some(b)) => format!("{:+.0}", (a - b) * 1000.0),
+                _ => "–".into(),
+            };
+            let cells = rate_cells(res, o.unit);
+            writeln!(
+                r,
+                "| {} | {} | {cells} | {} | {ratio} | {dp50} |",
+                o.title,
+                res.spec.label,
+                opt(p50)
+            )?;
+        }
+    }
+    writeln!(r)
+}
+
+fn robin_per_scenario(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
+    writeln!(
+        r,
+        "Robin's resources (read from /proc of the `robin exec` process after each run):\n"
+    )?;
+    writeln!(
+        r,
+        "| scenario | peak RSS MiB (max) | CPU s per 10k requests (median) |"
+    )?;
+    writeln!(r, "| --- | ---: | ---: |")?;
+    for o in main {
+        let Some(robin) = o.by_role(Role::Robin) else {
+            continue;
+        };
+        let hwm = robin.runs.iter().filter_map(|m| m.robin_hwm_kib).max();
+        let per10k = robin.median_of(|m| {
+            let cpu = m.robin_cpu_s?;
+            (m.requests > 0.0).then(|| cpu / m.requests * 10_000.0)
+        });
+        let hwm = hwm.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+        writeln!(r, "| {} | {hwm} | {} |", o.title, opt(per10k))?;
+    }
+    writeln!(r)
+}
+
+fn robin_figures(r: &mut String, e: &Extras) -> std::fmt::Result {
+    let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
+    writeln!(r, "| Robin figure | value |\n| --- | ---: |")?;
+    if let Some(k) = e.idle_rss_kib {
+        writeln!(
+            r,
+            "| RSS idle (after start-up, no connection), MiB | {} |",
+            mib(k)
+        )?;
+    }
+    if let Some((n, hs, req)) = e.conns_rss_kib {
+        writeln!(
+            r,
+            "| RSS with {n} idle TLS connections (handshake done, no request), MiB | {} |",
+            mib(hs)
+        )?;
+        writeln!(
+            r,
+            "| RSS with {n} idle TLS connections after one request each (upstream connection open), MiB | {} |",
+            mib(req)
+        )?;
+    }
+    if let Some((same, distinct, n)) = e.mint_ms {
+        writeln!(
+            r,
+            "| client TLS handshake, cached leaf (median), ms | {same:.3} |"
+        )?;
+        writeln!(
+            r,
+            "| client TLS handshake, new name → leaf minted (median of {n}), ms | {distinct:.3} |"
+        )?;
+        writeln!(
+            r,
+            "| leaf mint time (difference), ms | {:.3} |",
+            distinct - same
+        )?;
+    }
+    if let Some((a, b)) = e.attach_ms {
+        writeln!(
+            r,
+            "| `robin exec` start → command running in captured cgroup (median of 7), ms | {a:.1} |"
+        )?;
+        writeln!(
+            r,
+            "| same without Robin (fork/exec of `date`, baseline), ms | {b:.1} |"
+        )?;
+    }
+    for n in &e.notes {
+        writeln!(r, "\nNote: {n}")?;
+    }
+    writeln!(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{
+        load::Measurement,
+        rounds::{PathSpec, Via},
+    };
+
+    fn result(label: &'static str, role: Role, rates: &[f64], error: Option<&str>) -> PathResult {
+        PathResult {
+            spec: PathSpec {
+                label,
+                capture: "cap",
+                role,
+                url: String::new(),
+                via: Via::Plain,
+                enter_ns: None,
+            },
+            runs: rates
+                .iter()
+                .map(|&rate| Measurement {
+                    rate,
+                    p50_ms: Some(rate / 100.0),
+                    ..Default::default()
+                })
+                .collect(),
+            error: error.map(Into::into),
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            date: "2026-12-02 06:00 UTC".into(),
+            cores: 2,
+            cpu: "Test CPU".into(),
+            kernel: "6.1.0".into(),
+            load_start: "0.10 / 0.20 / 0.30".into(),
+            load_end: "1.00 / 0.50 / 0.40".into(),
+            robin: "robin".into(),
+            versions: vec!["nginx 1".into()],
+        }
+    }
+
+    fn outcome() -> Outcome {
+        Outcome {
+            title: "keep-alive".into(),
+            unit: "req/s",
+            results: vec![
+                result("direct", Role::Direct, &[200.0, 210.0, 220.0], None),
+                result("robin", Role::Robin, &[100.0, 100.0, 130.0], None),
+                result("nginx", Role::Peer, &[80.0, 80.0, 80.0], None),
+                result("squid", Role::Peer, &[], Some("a | b")),
+            ],
+            unguarded: None,
+        }
+    }
+
+    #[test]
+    fn table_shows_median_range_spread_and_ratio() {
+        let s = Settings::new(true);
+        let text = render(&header(), &s, &[outcome()], &[], &Extras::default(), &[]).unwrap();
+        assert!(text.contains("2 cores, Test CPU, Linux 6.1.0"), "{text}");
+        assert!(
+            text.contains("| keep-alive | direct | cap | 210 req/s | 200–220 | 10 % | 2.100 |"),
+            "{text}"
+        );
+        // Robin: median 100, range 100–130, spread 30 % → noisy.
+        assert!(
+            text.contains("| robin | cap | 100 req/s | 100–130 | 30 % **noisy** |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| nginx | cap | 80 req/s | 80–80 | 0 % | 0.800 | – | – | 1.25 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| squid | cap | failed: a / b | | |"),
+            "{text}"
+        );
+        assert!(text.contains("Sanity guard: passed"), "{text}");
+    }
+
+    #[test]
+    fn a_failed_guard_is_in_the_report() {
+        let s = Settings::new(true);
+        let v = [Violation {
+            scenario: "bulk".into(),
+            path: "robin",
+            unit: "MiB/s",
+            min: 800.0,
+            direct_max: 300.0,
+        }];
+        let text = render(&header(), &s, &[], &[], &Extras::default(), &v).unwrap();
+        assert!(text.contains("Sanity guard: FAILED"), "{text}");
+        assert!(
+            text.contains("* bulk: robin's worst round 800.0 MiB/s > direct's best round 300.0"),
+            "{text}"
+        );
+    }
+}

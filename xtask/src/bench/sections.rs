@@ -1,0 +1,275 @@
+//! What is measured: the main table (Robin, direct and the peers per scenario) and the cost of
+//! the capture mechanism alone. Each scenario runs in interleaved rounds (`rounds`).
+use std::path::Path;
+
+use super::{
+    CONNECTIONS, H1_HOST, RULED, Settings, UNRULED,
+    load::Load,
+    peers::{
+        ENVOY_PORT, HAPROXY_H1_PORT, HAPROXY_PORT, MITM_PORT, NGINX_H1_PORT, NGINX_PORT, SQUID_PORT,
+    },
+    rounds::{self, Outcome, PathSpec, Plan, Role, Scenario, Via},
+    world::{CAP_DIRECT, CAP_IP, CAP_NAT_NS, CAP_NS, GRPC_PATH, GRPC_REQUEST, World},
+};
+
+const REVERSE: &str = "explicit reverse proxy";
+const TRANSPARENT: &str = "iptables REDIRECT (transparent)";
+
+fn path(label: &'static str, capture: &'static str, role: Role, url: String, via: Via) -> PathSpec {
+    PathSpec {
+        label,
+        capture,
+        role,
+        url,
+        via,
+        enter_ns: None,
+    }
+}
+
+/// Which peers a scenario has: each speaks what the scenario needs (squid no h2, Envoy and
+/// mitmproxy only in full mode, the HTTP/1.1-only upstream behind nginx and haproxy only).
+#[derive(Clone, Copy)]
+enum Peers {
+    None,
+    /// nginx and haproxy fronts of the HTTP/1.1-only upstream.
+    H1Upstream,
+    /// The main fronts; `squid` when the scenario is HTTP/1.1.
+    Main {
+        squid: bool,
+    },
+}
+
+struct Paths<'a> {
+    s: &'a Settings,
+    config: &'a Path,
+}
+
+impl Paths<'_> {
+    /// Direct and Robin to `url`, then the peers, each with the same path as `url`.
+    fn of(&self, url: &str, peers: Peers) -> Vec<PathSpec> {
+        let robin = Via::Robin(self.config.to_owned());
+        let mut v = vec![
+            path("direct", "none", Role::Direct, url.into(), Via::Plain),
+            path(
+                "robin",
+                "eBPF connect redirect",
+                Role::Robin,
+                url.into(),
+                robin,
+            ),
+        ];
+        let at = |port: u16| {
+            let rest = url.split_once("://").map_or("", |(_, r)| r);
+            let path = rest.find('/').map_or("/", |i| &rest[i..]);
+            format!("https://127.0.0.1:{port}{path}")
+        };
+        let (nginx, haproxy) = match peers {
+            Peers::None => return v,
+            Peers::H1Upstream => (NGINX_H1_PORT, HAPROXY_H1_PORT),
+            Peers::Main { .. } => (NGINX_PORT, HAPROXY_PORT),
+        };
+        v.push(path("nginx", REVERSE, Role::Peer, at(nginx), Via::Plain));
+        v.push(path(
+            "haproxy",
+            REVERSE,
+            Role::Peer,
+            at(haproxy),
+            Via::Plain,
+        ));
+        if let (Peers::Main { squid }, true) = (peers, self.s.full_peers) {
+            v.push(path(
+                "envoy",
+                REVERSE,
+                Role::Peer,
+                at(ENVOY_PORT),
+                Via::Plain,
+            ));
+            if squid {
+                let redirect = Via::Redirect(SQUID_PORT);
+                v.push(path(
+                    "squid ssl-bump",
+                    TRANSPARENT,
+                    Role::Peer,
+                    url.into(),
+                    redirect,
+                ));
+            }
+            let redirect = Via::Redirect(MITM_PORT);
+            v.push(path(
+                "mitmproxy",
+                TRANSPARENT,
+                Role::Peer,
+                url.into(),
+                redirect,
+            ));
+        }
+        v
+    }
+}
+
+fn scenario(title: &str, load: Load, paths: Vec<PathSpec>) -> Scenario {
+    Scenario {
+        title: title.into(),
+        load,
+        paths,
+        unguarded: None,
+    }
+}
+
+/// With a new connection per request, the direct path pays the upstream's TLS handshake
+/// (nginx, OpenSSL 3.0) and a pooling proxy pays its own instead: a proxy with a cheaper
+/// handshake can beat direct for real (Envoy on BoringSSL did, 1.22×, in the old full run).
+const HANDSHAKE_SWAP: &str = "a pooling proxy's own TLS handshake replaces the upstream's";
+
+fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
+    let config = world.dir.join("robin.toml");
+    let p = Paths { s, config: &config };
+    let c = CONNECTIONS;
+    let wrk = |connections, close| Load::Wrk { connections, close };
+    let h2 = |grpc_body| Load::H2load {
+        connections: c,
+        streams: 10,
+        grpc_body,
+    };
+    let small = format!("https://{RULED}/small");
+    let plain = format!("http://{RULED}/small");
+    let grpc = format!("https://{RULED}{GRPC_PATH}");
+    let main = |squid| Peers::Main { squid };
+    // An h2 client cannot reach the HTTP/1.1-only listener directly (h2load falls back to
+    // h1); its direct path is the same upstream's h2 listener, the best the client could get.
+    let mut h1_up = p.of(&format!("https://{H1_HOST}/small"), Peers::H1Upstream);
+    h1_up[0] = path(
+        "direct (h2 listener)",
+        "none",
+        Role::Direct,
+        small.clone(),
+        Via::Plain,
+    );
+    vec![
+        scenario(
+            "TLS intercept + inject, HTTP/1.1 keep-alive",
+            wrk(c, false),
+            p.of(&small, main(true)),
+        ),
+        scenario(
+            "TLS intercept + inject, HTTP/2 (10 streams/conn)",
+            h2(None),
+            p.of(&small, main(false)),
+        ),
+        scenario(
+            "TLS intercept + inject, h2 client → HTTP/1.1-only upstream (10 streams/conn)",
+            h2(None),
+            h1_up,
+        ),
+        scenario(
+            "gRPC unary over h2, TLS intercept + inject (10 streams/conn)",
+            h2(Some(world.dir.join(GRPC_REQUEST))),
+            p.of(&grpc, main(false)),
+        ),
+        Scenario {
+            unguarded: Some(HANDSHAKE_SWAP),
+            ..scenario(
+                "TLS intercept + inject, new connection per request",
+                wrk(c, true),
+                p.of(&small, main(true)),
+            )
+        },
+        scenario(
+            "plain HTTP inject, keep-alive",
+            wrk(c, false),
+            p.of(&plain, Peers::None),
+        ),
+        // Added latency is what one request pays with nothing queued in front of it.
+        scenario(
+            "plain HTTP inject, 1 connection (latency)",
+            wrk(1, false),
+            p.of(&plain, Peers::None),
+        ),
+        scenario(
+            "TLS intercept + inject, 1 connection (latency)",
+            wrk(1, false),
+            p.of(&small, Peers::None),
+        ),
+        scenario(
+            &format!("passthrough (splice), {} MiB download", s.large_mib),
+            Load::Curl,
+            p.of(&format!("https://{UNRULED}/large"), Peers::None),
+        ),
+    ]
+}
+
+pub fn main_table(s: &Settings, world: &World, robin_bin: &Path) -> anyhow::Result<Vec<Outcome>> {
+    let plan = Plan {
+        rounds: s.rounds,
+        seconds: s.seconds,
+        warmup_seconds: s.warmup_seconds,
+    };
+    main_scenarios(s, world)
+        .iter()
+        .map(|scn| rounds::run(scn, &plan, robin_bin))
+        .collect()
+}
+
+/// The capture mechanism alone: the same trivial server (nginx on 127.0.0.1:CAP_PORT in a
+/// namespace of its own) reached directly, through Robin's eBPF connect redirection, and through
+/// an iptables REDIRECT. Robin's proxy only serves connections that carry its kernel record, so
+/// an iptables-redirected connection cannot reach it; instead `robin exec` (in the client
+/// namespace, listener port CAP_PORT) wraps a load generator that enters the capture namespace,
+/// where the connect hook rewrites `CAP_IP:80` to `127.0.0.1:CAP_PORT`: nginx, not Robin. What
+/// differs between the paths is only how the connect reaches the server. The iptables path has
+/// its own identical namespace (a nat table hooks conntrack into its namespace for good, which
+/// would tax the other two paths).
+pub fn capture_cost(s: &Settings, world: &World, robin_bin: &Path) -> anyhow::Result<Vec<Outcome>> {
+    let plan = Plan {
+        rounds: s.rounds,
+        seconds: s.cap_seconds,
+        warmup_seconds: s.warmup_seconds,
+    };
+    let robin = Via::Robin(world.dir.join("robin-cap.toml"));
+    let in_ns = |ns, mut spec: PathSpec| {
+        spec.enter_ns = Some(ns);
+        spec
+    };
+    let paths = vec![
+        in_ns(
+            CAP_NS,
+            path(
+                "direct",
+                "",
+                Role::Direct,
+                format!("http://{CAP_DIRECT}/small"),
+                Via::Plain,
+            ),
+        ),
+        in_ns(
+            CAP_NS,
+            path(
+                "eBPF connect4 redirect (robin exec)",
+                "",
+                Role::Robin,
+                format!("http://{CAP_IP}/small"),
+                robin,
+            ),
+        ),
+        in_ns(
+            CAP_NAT_NS,
+            path(
+                "iptables nat REDIRECT",
+                "",
+                Role::Peer,
+                format!("http://{CAP_IP}/small"),
+                Via::Plain,
+            ),
+        ),
+    ];
+    [("keep-alive", false), ("new connection per request", true)]
+        .into_iter()
+        .map(|(title, close)| {
+            let load = Load::Wrk {
+                connections: CONNECTIONS,
+                close,
+            };
+            rounds::run(&scenario(title, load, paths.clone()), &plan, robin_bin)
+        })
+        .collect()
+}
