@@ -35,6 +35,7 @@ mod busy;
 mod inject;
 mod intercept;
 mod linger;
+mod respond;
 mod rewind;
 mod route;
 pub mod sniff;

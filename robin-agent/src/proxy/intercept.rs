@@ -1,19 +1,19 @@
 //! The intercepting HTTP server: one per terminated TLS or plain-HTTP connection. For each
 //! request it asks [`super::route`] where the request goes and with whose token, fetches a fresh
-//! token, rewrites the credential header, and forwards, streaming bodies both ways.
+//! token, rewrites the credential header, and forwards, streaming bodies both ways. Every
+//! failure is a [`ProxyError`]; [`respond`] alone turns it into Robin's own answer.
 use std::{
     convert::Infallible,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
-use bytes::Bytes;
 use http::{
     HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-    header::{CONNECTION, CONTENT_TYPE, HOST},
+    header::{CONNECTION, HOST},
     uri::{Authority, Scheme},
 };
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, info, warn};
@@ -21,28 +21,17 @@ use tracing::{Instrument, debug, info, warn};
 use super::{
     ProxyStats, Rule,
     inject::{set_credential, strip_hop_by_hop, wants_upgrade},
-    route::{Refusal, Route, Routes},
-    upstream::{Pool, Proto, SendError, Upstream, UpstreamBody, UpstreamError},
+    respond::{Body, ProxyError, respond},
+    route::{Route, Routes},
+    upstream::{Pool, Proto, SendError, Upstream, UpstreamBody},
 };
-use crate::identity::{IdentityError, check_audience};
-
-pub type Body = Either<UpstreamBody, Full<Bytes>>;
+use crate::identity::check_audience;
 
 /// What every request on one intercepted connection shares.
 pub struct ConnCtx {
     pub routes: Routes,
     pub pool: Arc<Pool>,
     pub stats: Arc<ProxyStats>,
-}
-
-fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(msg.into())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 pub async fn handle(
@@ -53,13 +42,14 @@ pub async fn handle(
     let method = req.method().clone();
     // The path only: query strings often carry secrets.
     let path = req.uri().path().to_owned();
-    let (resp, rule) = match ctx.routes.route(req.uri(), req.headers(), req.version()) {
+    let (result, rule) = match ctx.routes.route(req.uri(), req.headers(), req.version()) {
         Ok(route) => {
             let rule = route.rule.clone();
             (forward(&ctx, route, req).await, rule)
         }
-        Err(refusal) => (refuse(&refusal), None),
+        Err(refusal) => (Err(refusal.into()), None),
     };
+    let resp = result.unwrap_or_else(|e| respond(&e));
     let status = resp.status();
     ctx.stats.count_status(status);
     let label = match &rule {
@@ -80,105 +70,77 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Robin's own answer to a request it will not forward; nothing of it reaches any upstream.
-fn refuse(refusal: &Refusal) -> Response<Body> {
-    match refusal {
-        Refusal::InvalidHost => text(StatusCode::BAD_REQUEST, "robin: invalid host\n"),
-        Refusal::ConflictingHost => {
-            warn!(error = %refusal, "ambiguous request host, answering 400");
-            // A smuggling shape: whatever follows on this connection is not trusted either.
-            let mut r = text(StatusCode::BAD_REQUEST, "robin: conflicting host\n");
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            r
-        }
-        Refusal::PlaintextRefused { .. } => {
-            warn!(error = %refusal, "plaintext injection refused, answering 421");
-            text(
-                StatusCode::MISDIRECTED_REQUEST,
-                "robin: plaintext to this address is not allowed for this host\n",
-            )
-        }
-    }
-}
-
-/// The rule's credential header value for this request, or Robin's 503 answer.
-async fn credential(ctx: &ConnCtx, rule: &Rule) -> Result<HeaderValue, Response<Body>> {
+/// The rule's credential header value for this request.
+async fn credential(ctx: &ConnCtx, rule: &Rule) -> Result<HeaderValue, ProxyError> {
     let fetch_start = Instant::now();
     let token = rule.source.token().await;
     rule.stats.identity_fetch.observe(fetch_start.elapsed());
-    let token = match token {
-        Ok(t) => t,
-        Err(e) => {
-            ctx.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
-            rule.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(source = %rule.source.describe(), error = %e, "identity unavailable, answering 503");
-            // The OAuth error code is already sanitized (printable ASCII, truncated) and
-            // tells the workload's operator why; nothing else about the source is shown.
-            let reason = match &e {
-                IdentityError::OAuth { code, .. } => {
-                    format!("robin: workload identity unavailable: token endpoint error {code}\n")
-                }
-                _ => "robin: workload identity unavailable\n".to_owned(),
-            };
-            return Err(text(StatusCode::SERVICE_UNAVAILABLE, reason));
+    let token = token.map_err(|error| {
+        ctx.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
+        rule.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
+        ProxyError::IdentityUnavailable {
+            origin: rule.source.describe().to_string(),
+            error,
         }
-    };
-    if let Some(expected) = &rule.cfg.audience
-        && let Err(m) = check_audience(&token, expected)
-    {
-        rule.stats
-            .audience_mismatches
-            .fetch_add(1, Ordering::Relaxed);
-        warn!(rule = %rule.label, expected = %m.expected, found = %m.found, "token audience mismatch, answering 503");
-        return Err(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "robin: audience mismatch\n",
-        ));
+    })?;
+    if let Some(expected) = &rule.cfg.audience {
+        check_audience(&token, expected).map_err(|mismatch| {
+            rule.stats
+                .audience_mismatches
+                .fetch_add(1, Ordering::Relaxed);
+            ProxyError::AudienceMismatch {
+                rule: rule.label.clone(),
+                mismatch,
+            }
+        })?;
     }
-    HeaderValue::from_str(&rule.cfg.format.render(token.expose())).map_err(|_| {
-        // Unreachable for a parsed token and a validated format; refuse rather than guess.
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "robin: workload identity unavailable\n",
-        )
-    })
+    HeaderValue::from_str(&rule.cfg.format.render(token.expose()))
+        .map_err(|_| ProxyError::CredentialUnrenderable)
 }
 
-async fn forward(ctx: &ConnCtx, route: Route, mut req: Request<Incoming>) -> Response<Body> {
-    let downstream_h1 = req.version() < Version::HTTP_2;
+async fn forward(
+    ctx: &ConnCtx,
+    route: Route,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
     // Hop-by-hop headers go first: a `Connection` option naming the credential header must not
     // remove the injected value.
-    let upgrade = downstream_h1 && wants_upgrade(req.headers());
+    let upgrade = req.version() < Version::HTTP_2 && wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if let Some(rule) = &route.rule {
-        match credential(ctx, rule).await {
-            Ok(value) => set_credential(req.headers_mut(), &rule.cfg.header, value),
-            Err(resp) => return resp,
-        }
+        let value = credential(ctx, rule).await?;
+        set_credential(req.headers_mut(), &rule.cfg.header, value);
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let upstream = Upstream::new(route.target, ctx.pool.clone());
-    let mut resp = match send(ctx, &upstream, &route.scheme, route.authority, upgrade, req).await {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
-
+    let sent = send(ctx, &upstream, &route.scheme, route.authority, upgrade, req).await;
+    let mut resp = sent.inspect_err(|e| count_send_error(ctx, e))?;
     ctx.stats.upstream_responses.count(resp.status());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(down) = downstream_upgrade else {
-            return text(StatusCode::BAD_GATEWAY, "robin: unexpected upgrade\n");
-        };
+        let down = downstream_upgrade.ok_or(ProxyError::UnexpectedUpgrade)?;
         let up = hyper::upgrade::on(&mut resp);
         tokio::spawn(tunnel(down, up).in_current_span());
-        return resp.map(Either::Left);
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
-    resp.map(Either::Left)
+    Ok(resp.map(Either::Left))
+}
+
+/// The upstream failures the proxy counts as upstream errors (a workload's broken body or an
+/// impossible upgrade is not the upstream's fault).
+fn count_send_error(ctx: &ConnCtx, e: &ProxyError) {
+    if matches!(
+        e,
+        ProxyError::UpstreamUnavailable(_)
+            | ProxyError::UpstreamUnsent
+            | ProxyError::UpstreamFailed(_)
+    ) {
+        ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Sends `req` on a checked-out upstream connection, with the one redial rule of
-/// [`Upstream::send`]; every failure is Robin's own answer.
+/// [`Upstream::send`].
 async fn send(
     ctx: &ConnCtx,
     upstream: &Upstream,
@@ -186,23 +148,15 @@ async fn send(
     authority: Authority,
     upgrade: bool,
     mut req: Request<Incoming>,
-) -> Result<Response<UpstreamBody>, Box<Response<Body>>> {
-    let unavailable = |e: UpstreamError| {
-        ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(error = %e, "upstream unavailable, answering 502");
-        Box::new(text(
-            StatusCode::BAD_GATEWAY,
-            "robin: upstream unavailable\n",
-        ))
-    };
-    let mut checkout = upstream.checkout().await.map_err(unavailable)?;
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let mut checkout = upstream
+        .checkout()
+        .await
+        .map_err(ProxyError::UpstreamUnavailable)?;
     let mut redialled = false;
     loop {
         if upgrade && checkout.proto() == Proto::H2 {
-            return Err(Box::new(text(
-                StatusCode::BAD_GATEWAY,
-                "robin: upstream cannot upgrade over h2\n",
-            )));
+            return Err(ProxyError::UpgradeOverH2);
         }
         fit_to(&mut req, checkout.proto(), scheme, authority.clone())?;
         match upstream.send(checkout, req).await {
@@ -217,33 +171,13 @@ async fn send(
                 );
                 redialled = true;
                 req = *r;
-                checkout = upstream.dial().await.map_err(unavailable)?;
+                checkout = upstream
+                    .dial()
+                    .await
+                    .map_err(ProxyError::UpstreamUnavailable)?;
             }
-            Err(SendError::Unsent(_)) => {
-                ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                warn!("upstream connection closed before the request was written, answering 502");
-                return Err(Box::new(text(
-                    StatusCode::BAD_GATEWAY,
-                    "robin: upstream request failed\n",
-                )));
-            }
-            Err(SendError::Failed(e)) if e.is_request_body() => {
-                // The workload's own body was malformed (e.g. bad chunking): its fault, and the
-                // connection's framing is lost, so close it.
-                warn!(error = %e, "request body failed, answering 400");
-                let mut r = text(StatusCode::BAD_REQUEST, "robin: malformed request body\n");
-                r.headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-                return Err(Box::new(r));
-            }
-            Err(SendError::Failed(e)) => {
-                ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "upstream request failed, answering 502");
-                return Err(Box::new(text(
-                    StatusCode::BAD_GATEWAY,
-                    "robin: upstream request failed\n",
-                )));
-            }
+            Err(SendError::Unsent(_)) => return Err(ProxyError::UpstreamUnsent),
+            Err(SendError::Failed(e)) => return Err(ProxyError::from_send(e)),
         }
     }
 }
@@ -255,20 +189,14 @@ fn fit_to(
     proto: Proto,
     scheme: &Scheme,
     authority: Authority,
-) -> Result<(), Box<Response<Body>>> {
+) -> Result<(), ProxyError> {
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let bad = || {
-        Box::new(text(
-            StatusCode::BAD_REQUEST,
-            "robin: invalid request target\n",
-        ))
-    };
     if req.method() == Method::CONNECT {
-        return Err(bad());
+        return Err(ProxyError::InvalidTarget);
     }
     match proto {
         Proto::H2 => {
@@ -277,7 +205,7 @@ fn fit_to(
                 .authority(authority)
                 .path_and_query(path)
                 .build()
-                .map_err(|_| bad())?;
+                .map_err(|_| ProxyError::InvalidTarget)?;
             *req.uri_mut() = uri;
             *req.version_mut() = Version::HTTP_2;
             req.headers_mut().remove(HOST);
@@ -286,10 +214,11 @@ fn fit_to(
             // An h2 `:authority` (or absolute-form target) takes precedence over any Host
             // header (RFC 9113 §8.3.1), so the upstream sees the host the rule matched.
             let had_authority = req.uri().authority().is_some();
-            *req.uri_mut() = path.parse().map_err(|_| bad())?;
+            *req.uri_mut() = path.parse().map_err(|_| ProxyError::InvalidTarget)?;
             *req.version_mut() = Version::HTTP_11;
             if had_authority || !req.headers().contains_key(HOST) {
-                let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| ProxyError::InvalidTarget)?;
                 req.headers_mut().insert(HOST, host);
             }
             // Only the upgrade handshake keeps a Connection header.
