@@ -4,7 +4,8 @@
 //! stack copy, and has the same layout for `bpfel-unknown-none` and the host. Addresses are kept
 //! exactly as `struct bpf_sock_addr` carries them: each `u32` word holds network-order bytes, so
 //! userspace turns a word back into octets with `u32::to_ne_bytes`.
-#![no_std]
+// Host unit tests need std's test harness; everything else stays `no_std`.
+#![cfg_attr(not(test), no_std)]
 
 /// Pinning directory and map names; userspace looks maps up by these names.
 pub mod names {
@@ -25,6 +26,9 @@ pub const MAX_EXCLUDES: usize = 8;
 /// How far up the cgroup hierarchy the programs look for a captured ancestor. Containers of a
 /// pod live one or two levels below the pod cgroup, which itself sits 3-5 levels below the root.
 pub const MAX_CGROUP_DEPTH: usize = 16;
+
+/// The last word of `::1` (network order); the first three are zero.
+pub const LOOPBACK6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 /// Capacity of the per-socket and per-peer LRU maps.
 pub const MAX_TRACKED_SOCKETS: u32 = 65_536;
@@ -77,6 +81,64 @@ impl CaptureConfig {
                 mask: [0; 4],
             }; MAX_EXCLUDES],
         }
+    }
+
+    /// Whether connects to `port` (host order) are redirected; `0` never is (unused slots).
+    /// Bounded loops only: this runs in the eBPF programs too.
+    #[inline(always)]
+    pub fn captures_port(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_CAPTURE_PORTS {
+            if self.ports[i] == port {
+                return port != 0;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether an IPv4 destination (network-order word) stays uncaptured. Loopback and the
+    /// unspecified address always do: the listener itself lives on loopback, and a local
+    /// service is not an egress.
+    #[inline(always)]
+    pub fn excludes4(&self, ip: u32) -> bool {
+        let first_octet = ip.to_ne_bytes()[0];
+        if first_octet == 127 || ip == 0 {
+            return true;
+        }
+        let n = self.n_exclude4 as usize;
+        let mut i = 0;
+        while i < MAX_EXCLUDES && i < n {
+            let p = self.exclude4[i];
+            if ip & p.mask == p.addr {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether an IPv6 destination (network-order words) stays uncaptured; `::` and `::1`
+    /// always do.
+    #[inline(always)]
+    pub fn excludes6(&self, ip: &[u32; 4]) -> bool {
+        if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == LOOPBACK6_LAST) {
+            return true;
+        }
+        let n = self.n_exclude6 as usize;
+        let mut i = 0;
+        while i < MAX_EXCLUDES && i < n {
+            let p = self.exclude6[i];
+            if ip[0] & p.mask[0] == p.addr[0]
+                && ip[1] & p.mask[1] == p.addr[1]
+                && ip[2] & p.mask[2] == p.addr[2]
+                && ip[3] & p.mask[3] == p.addr[3]
+            {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 }
 
@@ -143,6 +205,8 @@ impl RefusalReason {
 pub const REFUSAL_REASONS: u32 = RefusalReason::ALL.len() as u32;
 
 #[cfg(feature = "user")]
+// The crate denies `unsafe_code`; aya's `Pod` is an unsafe marker trait and nothing else is.
+#[allow(unsafe_code)]
 mod user {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and have explicit
     // padding fields, so any bit pattern is valid and no byte is uninitialised.
@@ -150,4 +214,60 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for super::PeerKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_ne_bytes([a, b, c, d])
+    }
+
+    #[test]
+    fn ports_match_only_configured_nonzero_slots() {
+        let mut cfg = CaptureConfig::empty(15001);
+        cfg.ports[0] = 80;
+        cfg.ports[MAX_CAPTURE_PORTS - 1] = 443;
+        assert!(cfg.captures_port(80));
+        assert!(cfg.captures_port(443));
+        assert!(!cfg.captures_port(8080));
+        // Unused slots hold 0; port 0 is never captured.
+        assert!(!cfg.captures_port(0));
+    }
+
+    #[test]
+    fn ipv4_loopback_unspecified_and_configured_prefixes_are_excluded() {
+        let mut cfg = CaptureConfig::empty(15001);
+        assert!(cfg.excludes4(w(127, 0, 0, 1)));
+        assert!(cfg.excludes4(w(127, 9, 9, 9)));
+        assert!(cfg.excludes4(0));
+        assert!(!cfg.excludes4(w(10, 1, 2, 3)));
+        cfg.exclude4[0] = Prefix4 {
+            addr: w(10, 0, 0, 0),
+            mask: w(255, 0, 0, 0),
+        };
+        // Not counted yet: slots beyond `n_exclude4` are ignored.
+        assert!(!cfg.excludes4(w(10, 1, 2, 3)));
+        cfg.n_exclude4 = 1;
+        assert!(cfg.excludes4(w(10, 1, 2, 3)));
+        assert!(!cfg.excludes4(w(11, 1, 2, 3)));
+    }
+
+    #[test]
+    fn ipv6_loopback_unspecified_and_configured_prefixes_are_excluded() {
+        let mut cfg = CaptureConfig::empty(15001);
+        assert!(cfg.excludes6(&[0, 0, 0, 0]));
+        assert!(cfg.excludes6(&[0, 0, 0, LOOPBACK6_LAST]));
+        let doc = [w(0x20, 0x01, 0x0d, 0xb8), 0, 0, w(0, 0, 0, 5)];
+        assert!(!cfg.excludes6(&doc));
+        // 2001:db8::/32
+        cfg.exclude6[0] = Prefix6 {
+            addr: [w(0x20, 0x01, 0x0d, 0xb8), 0, 0, 0],
+            mask: [u32::MAX, 0, 0, 0],
+        };
+        cfg.n_exclude6 = 1;
+        assert!(cfg.excludes6(&doc));
+        assert!(!cfg.excludes6(&[w(0x20, 0x01, 0x0d, 0xb9), 0, 0, 1]));
+    }
 }

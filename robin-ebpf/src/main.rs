@@ -32,9 +32,9 @@ mod programs {
         programs::{SockAddrContext, SockOpsContext},
     };
     use robin_common::{
-        AF_INET, AF_INET6, CaptureConfig, MAX_CAPTURE_PORTS, MAX_CAPTURED_CGROUPS,
-        MAX_CGROUP_DEPTH, MAX_EXCLUDES, MAX_TRACKED_SOCKETS, OrigDst, PeerKey, REFUSAL_REASONS,
-        RefusalReason, SockRecord,
+        AF_INET, AF_INET6, CaptureConfig, LOOPBACK6_LAST, MAX_CAPTURE_PORTS, MAX_CAPTURED_CGROUPS,
+        MAX_CGROUP_DEPTH, MAX_TRACKED_SOCKETS, OrigDst, PeerKey, REFUSAL_REASONS, RefusalReason,
+        SockRecord,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -79,22 +79,26 @@ mod programs {
     }
     const LOOPBACK4: u32 = ipv4(127, 0, 0, 1);
     const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    const LOOPBACK6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
     /// The configuration of the nearest captured cgroup: the task's own, or an ancestor's
     /// (containers sit below the pod cgroup the agent attached to).
     #[inline(always)]
     fn capture_config() -> Option<&'static CaptureConfig> {
+        // SAFETY: a helper without arguments, callable from cgroup_sock_addr programs.
         let own = unsafe { bpf_get_current_cgroup_id() };
         if let Some(cfg) = CAPTURE_CONFIG.get_ptr(own) {
+            // SAFETY: a pointer into a live map value; the agent only replaces whole entries
+            // and the reference does not outlive this program run.
             return Some(unsafe { &*cfg });
         }
         for level in 1..MAX_CGROUP_DEPTH as i32 {
+            // SAFETY: `level` is a plain integer; the helper returns 0 beyond the root.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
             if id == 0 || id == own {
                 break;
             }
             if let Some(cfg) = CAPTURE_CONFIG.get_ptr(id) {
+                // SAFETY: as above, a live map value read within this program run.
                 return Some(unsafe { &*cfg });
             }
         }
@@ -102,60 +106,8 @@ mod programs {
     }
 
     #[inline(always)]
-    fn port_captured(cfg: &CaptureConfig, port: u16) -> bool {
-        let mut i = 0;
-        while i < MAX_CAPTURE_PORTS {
-            if cfg.ports[i] == port {
-                return port != 0;
-            }
-            i += 1;
-        }
-        false
-    }
-
-    /// Loopback and the unspecified address are never captured: the listener itself lives on
-    /// loopback, and a local service is not an egress.
-    #[inline(always)]
-    fn excluded4(cfg: &CaptureConfig, ip: u32) -> bool {
-        let first_octet = ip.to_ne_bytes()[0];
-        if first_octet == 127 || ip == 0 {
-            return true;
-        }
-        let n = cfg.n_exclude4 as usize;
-        let mut i = 0;
-        while i < MAX_EXCLUDES && i < n {
-            let p = cfg.exclude4[i];
-            if ip & p.mask == p.addr {
-                return true;
-            }
-            i += 1;
-        }
-        false
-    }
-
-    #[inline(always)]
-    fn excluded6(cfg: &CaptureConfig, ip: &[u32; 4]) -> bool {
-        if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == LOOPBACK6_LAST) {
-            return true;
-        }
-        let n = cfg.n_exclude6 as usize;
-        let mut i = 0;
-        while i < MAX_EXCLUDES && i < n {
-            let p = cfg.exclude6[i];
-            if ip[0] & p.mask[0] == p.addr[0]
-                && ip[1] & p.mask[1] == p.addr[1]
-                && ip[2] & p.mask[2] == p.addr[2]
-                && ip[3] & p.mask[3] == p.addr[3]
-            {
-                return true;
-            }
-            i += 1;
-        }
-        false
-    }
-
-    #[inline(always)]
     fn is_tcp(ctx: &SockAddrContext) -> bool {
+        // SAFETY: `sock_addr` is the kernel's context for this run; read only.
         let sa = unsafe { &*ctx.sock_addr };
         sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP
     }
@@ -198,7 +150,7 @@ mod programs {
         let sa = unsafe { &mut *ctx.sock_addr };
         let ip = sa.user_ip4;
         let port = u16::from_be(sa.user_port as u16);
-        if !port_captured(cfg, port) || excluded4(cfg, ip) {
+        if !cfg.captures_port(port) || cfg.excludes4(ip) {
             return Ok(());
         }
         let orig = OrigDst {
@@ -239,7 +191,7 @@ mod programs {
             sa.user_ip6[3],
         ];
         let port = u16::from_be(sa.user_port as u16);
-        if !port_captured(cfg, port) {
+        if !cfg.captures_port(port) {
             return Ok(());
         }
         let orig = OrigDst {
@@ -251,13 +203,13 @@ mod programs {
         if mapped {
             // An IPv4 destination dialled from a dual-stack socket travels as IPv4: send it to
             // the 127.0.0.1 listener as ::ffff:127.0.0.1.
-            if excluded4(cfg, ip[3]) {
+            if cfg.excludes4(ip[3]) {
                 return Ok(());
             }
             remember(ctx, orig, AF_INET)?;
             sa.user_ip6[3] = LOOPBACK4;
         } else {
-            if excluded6(cfg, &ip) {
+            if cfg.excludes6(&ip) {
                 return Ok(());
             }
             remember(ctx, orig, AF_INET6)?;
@@ -284,10 +236,12 @@ mod programs {
         {
             return Ok(());
         }
+        // SAFETY: `ctx` is the program's own `bpf_sock_ops` context, valid for this call.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let Some(record) = SOCK_ORIG_DST.get_ptr(cookie) else {
             return Ok(());
         };
+        // SAFETY: a live map value of a `Copy` type, copied out at once.
         let record = unsafe { *record };
         match op {
             BPF_SOCK_OPS_TCP_CONNECT_CB => {
@@ -300,6 +254,7 @@ mod programs {
                 // Runs before the final ACK of the handshake is sent, so the entry exists before
                 // the listener can accept the connection.
                 let key = PeerKey {
+                    // SAFETY: `ctx` is the program's own `bpf_sock_ops` context.
                     netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
                     client_port: ctx.local_port() as u16,
                     wire_family: record.wire_family,
@@ -321,10 +276,14 @@ mod programs {
 
     #[cgroup_sock_addr(getpeername4)]
     pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: `ctx` is the program's own `bpf_sock_addr` context, valid for this call.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if let Some(record) = SOCK_ORIG_DST.get_ptr(cookie) {
+            // SAFETY: a live map value of a `Copy` type, copied out at once.
             let record = unsafe { *record };
             if record.orig.family == AF_INET {
+                // SAFETY: `sock_addr` is the kernel's context for this run, writable by
+                // getpeername programs; no other reference to it exists.
                 let sa = unsafe { &mut *ctx.sock_addr };
                 sa.user_ip4 = record.orig.addr[0];
                 sa.user_port = u32::from(record.orig.port.to_be());
@@ -335,10 +294,14 @@ mod programs {
 
     #[cgroup_sock_addr(getpeername6)]
     pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: `ctx` is the program's own `bpf_sock_addr` context, valid for this call.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if let Some(record) = SOCK_ORIG_DST.get_ptr(cookie) {
+            // SAFETY: a live map value of a `Copy` type, copied out at once.
             let record = unsafe { *record };
             if record.orig.family == AF_INET6 {
+                // SAFETY: `sock_addr` is the kernel's context for this run, writable by
+                // getpeername programs; no other reference to it exists.
                 let sa = unsafe { &mut *ctx.sock_addr };
                 sa.user_ip6[0] = record.orig.addr[0];
                 sa.user_ip6[1] = record.orig.addr[1];
@@ -355,6 +318,7 @@ mod programs {
         loop {}
     }
 
+    // SAFETY: the kernel reads the license from this section; the name is unique in the object.
     #[unsafe(link_section = "license")]
     #[unsafe(no_mangle)]
     static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
