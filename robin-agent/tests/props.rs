@@ -3,7 +3,7 @@
 //!
 //! Bounded in the normal suite (`PROPTEST_CASES`, default 256 per property: seconds);
 //! `cargo xtask fuzz --seconds N` runs this file repeatedly with fresh seeds and more cases.
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use proptest::prelude::*;
 use robin_agent::{
@@ -212,33 +212,21 @@ proptest! {
 }
 
 /// A scratch directory holding a CA, removed on drop.
-struct Scratch(PathBuf);
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("robin-props-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.join("ca.key"), key.serialize_pem()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        robin_e2e::pki::Ca::new("Props CA").write(dir.path(), "ca");
         Self(dir)
     }
 
     fn tls_section(&self) -> String {
         format!(
             "[tls]\nca_cert = {:?}\nca_key = {:?}\n",
-            self.0.join("ca.crt"),
-            self.0.join("ca.key")
+            self.0.path().join("ca.crt"),
+            self.0.path().join("ca.key")
         )
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -349,23 +349,13 @@ fn other_kinds_and_malformed_reviews_are_refused() {
     }
 }
 
-/// A directory removed on drop, also when the test fails.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn the_tls_server_answers_reviews() {
     use http_body_util::{BodyExt as _, Full};
-    let dir = TempDir(std::env::temp_dir().join(format!("robin-webhook-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let ck =
         rcgen::generate_simple_self_signed(vec!["robin-webhook.robin-system.svc".into()]).unwrap();
-    let (cert, key) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
     let tls = webhook::tls_config(&cert, &key).unwrap();

@@ -15,8 +15,10 @@ use std::{
 };
 
 pub mod node_fixture;
+pub mod pki;
 
 pub use robin_agent::capture::{Cgroup, NetNs, find_cgroup2_mount};
+pub use tempfile::TempDir;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -29,10 +31,9 @@ pub fn unique_id() -> String {
 
 /// Fails the test, with the reason, if this process cannot run privileged tests.
 pub fn require_privileges() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    let euid = nix::unistd::geteuid();
+    assert!(
+        euid.is_root(),
         "privileged test: must run as root (eBPF attach, netns, cgroups); run `cargo xtask test`"
     );
     assert!(
@@ -222,6 +223,10 @@ pub fn workload_cgroup() -> Cgroup {
 
 /// A command run inside `netns` (via `ip netns exec`, so `/etc/netns/NAME` applies) and, when
 /// given, inside `cgroup` from before its first instruction.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec: the child joins the cgroup before exec"
+)]
 pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns.name(), program])
@@ -354,142 +359,31 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("robin-{tag}-{}", unique_id()));
-        std::fs::create_dir_all(&dir).expect("creating scratch dir");
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
+/// A scratch directory named for the test (`robin-{tag}-…`), removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("robin-{tag}-"))
+        .tempdir()
+        .expect("creating scratch dir")
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Test PKI made with the openssl CLI: Robin's CA, an upstream CA with a leaf for `hosts`, and a
-/// rogue CA (not trusted anywhere) with a leaf for the same hosts.
+/// The e2e PKI as files in `dir`: Robin's CA (`robin-ca`), an upstream CA (`upstream-ca`) with
+/// a leaf for `hosts` (`upstream`), and a rogue CA (not trusted anywhere) with a leaf for the
+/// same hosts (`rogue`); each as `{name}.crt` + `{name}.key`.
 pub struct Pki {
     pub dir: PathBuf,
 }
 
 impl Pki {
     pub fn new(dir: &Path, hosts: &[&str]) -> Self {
-        let ca = |name: &str, cn: &str| {
-            openssl(
-                dir,
-                &[
-                    "ecparam",
-                    "-name",
-                    "prime256v1",
-                    "-genkey",
-                    "-noout",
-                    "-out",
-                    &format!("{name}.key"),
-                ],
-            );
-            openssl(
-                dir,
-                &[
-                    "req",
-                    "-x509",
-                    "-new",
-                    "-key",
-                    &format!("{name}.key"),
-                    "-sha256",
-                    "-days",
-                    "1",
-                    "-subj",
-                    &format!("/CN={cn}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                    "-out",
-                    &format!("{name}.crt"),
-                ],
-            );
-        };
-        ca("robin-ca", "Test Robin CA");
-        ca("upstream-ca", "Test Upstream CA");
-        ca("rogue-ca", "Test Rogue CA");
-        let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
-        std::fs::write(
-            dir.join("leaf.ext"),
-            format!(
-                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
-                san.join(",")
-            ),
-        )
-        .expect("writing leaf.ext");
-        for (leaf, issuer) in [("upstream", "upstream-ca"), ("rogue", "rogue-ca")] {
-            openssl(
-                dir,
-                &[
-                    "ecparam",
-                    "-name",
-                    "prime256v1",
-                    "-genkey",
-                    "-noout",
-                    "-out",
-                    &format!("{leaf}.key"),
-                ],
-            );
-            openssl(
-                dir,
-                &[
-                    "req",
-                    "-new",
-                    "-key",
-                    &format!("{leaf}.key"),
-                    "-subj",
-                    "/CN=upstream",
-                    "-out",
-                    &format!("{leaf}.csr"),
-                ],
-            );
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{leaf}.csr"),
-                    "-CA",
-                    &format!("{issuer}.crt"),
-                    "-CAkey",
-                    &format!("{issuer}.key"),
-                    "-CAcreateserial",
-                    "-days",
-                    "1",
-                    "-sha256",
-                    "-extfile",
-                    "leaf.ext",
-                    "-out",
-                    &format!("{leaf}.crt"),
-                ],
-            );
+        pki::Ca::new("Test Robin CA").write(dir, "robin-ca");
+        for (ca, leaf, cn) in [
+            ("upstream-ca", "upstream", "Test Upstream CA"),
+            ("rogue-ca", "rogue", "Test Rogue CA"),
+        ] {
+            let ca_ = pki::Ca::new(cn);
+            ca_.write(dir, ca);
+            ca_.leaf(hosts).write(dir, leaf);
         }
         Self {
             dir: dir.to_owned(),

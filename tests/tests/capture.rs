@@ -67,6 +67,27 @@ impl World {
         }
     }
 
+    /// Runs the workload script with `args` in the pod netns, inside the captured cgroup or
+    /// not, within `limit`; its stdout, once it has succeeded.
+    async fn run(&self, captured: bool, args: &[&str], limit: Duration) -> Vec<u8> {
+        let script = workload_script();
+        let mut argv = vec![script.to_str().expect("utf-8 path")];
+        argv.extend_from_slice(args);
+        let cmd = command_in(
+            &self.topo.pod,
+            captured.then_some(&self.cgroup),
+            "python3",
+            &argv,
+        );
+        let out = output_within(cmd, limit).await;
+        assert!(
+            out.status.success(),
+            "workload {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     /// Runs the workload's `connect` in the pod netns, inside the captured cgroup or not.
     async fn connect(
         &self,
@@ -75,26 +96,11 @@ impl World {
         host: IpAddr,
         port: u16,
     ) -> (String, u16, String) {
-        let script = workload_script();
-        let cmd = command_in(
-            &self.topo.pod,
-            captured.then_some(&self.cgroup),
-            "python3",
-            &[
-                script.to_str().expect("utf-8 path"),
-                "connect",
-                family,
-                &host.to_string(),
-                &port.to_string(),
-            ],
-        );
-        let out = output_within(cmd, LIMIT).await;
-        assert!(
-            out.status.success(),
-            "workload failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("workload JSON");
+        let (host, port) = (host.to_string(), port.to_string());
+        let out = self
+            .run(captured, &["connect", family, &host, &port], LIMIT)
+            .await;
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("workload JSON");
         (
             v["peer"][0].as_str().expect("peer host").to_owned(),
             v["peer"][1].as_u64().expect("peer port") as u16,
@@ -224,26 +230,10 @@ async fn uncaptured_cgroup_other_ports_and_udp_go_direct() {
         .await;
     assert_eq!(reply, "direct");
 
-    let script = workload_script();
-    let cmd = command_in(
-        &w.topo.pod,
-        Some(&w.cgroup),
-        "python3",
-        &[
-            script.to_str().expect("utf-8"),
-            "udp",
-            &up.to_string(),
-            &CAPTURED_PORT.to_string(),
-        ],
-    );
-    let out = output_within(cmd, LIMIT).await;
+    let (up, port) = (up.to_string(), CAPTURED_PORT.to_string());
+    let out = w.run(true, &["udp", &up, &port], LIMIT).await;
     assert!(
-        out.status.success(),
-        "udp workload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("direct"),
+        String::from_utf8_lossy(&out).contains("direct"),
         "UDP is never redirected"
     );
     assert_eq!(w.served.load(Ordering::SeqCst), 0);
@@ -294,23 +284,11 @@ async fn thousands_of_concurrent_connects_each_recover_their_own_destination() {
             targets.push(format!("{ip}:{port}"));
         }
     }
-    let script = workload_script();
-    let mut args = vec![
-        script.to_str().expect("utf-8").to_owned(),
-        "burst".into(),
-        "200".into(),
-        TOTAL.to_string(),
-    ];
+    let mut args = vec!["burst".to_owned(), "200".into(), TOTAL.to_string()];
     args.extend(targets);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cmd = command_in(&w.topo.pod, Some(&w.cgroup), "python3", &args);
-    let out = output_within(cmd, Duration::from_secs(120)).await;
-    assert!(
-        out.status.success(),
-        "burst: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("burst JSON");
+    let out = w.run(true, &args, Duration::from_secs(120)).await;
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("burst JSON");
     assert_eq!(v["ok"].as_u64(), Some(TOTAL as u64), "burst result: {v}");
     assert_eq!(w.served.load(Ordering::SeqCst), TOTAL);
 
@@ -332,6 +310,10 @@ async fn thousands_of_concurrent_connects_each_recover_their_own_destination() {
 /// for `SOCK_ORIG_DST`, so the kernel really fails to store a second record (`E2BIG`); the
 /// production map is an LRU, whose inserts practically never fail, so this is how a test gets
 /// the failure the programs must handle.
+#[allow(
+    unsafe_code,
+    reason = "raw bpf(2) calls: pins a map of the wrong shape, which aya cannot make"
+)]
 fn pin_one_slot_record_map(pins: &BpfPins) {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
@@ -413,25 +395,9 @@ async fn a_connect_whose_record_cannot_be_stored_is_refused_and_counted() {
     let up = IpAddr::from(w.topo.upstream_ip4);
 
     // The first connection holds the only record slot while the second is dialled.
-    let script = workload_script();
-    let cmd = command_in(
-        &w.topo.pod,
-        Some(&w.cgroup),
-        "python3",
-        &[
-            script.to_str().expect("utf-8"),
-            "hold-then-connect",
-            &up.to_string(),
-            &CAPTURED_PORT.to_string(),
-        ],
-    );
-    let out = output_within(cmd, LIMIT).await;
-    assert!(
-        out.status.success(),
-        "workload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("workload JSON");
+    let (ip, port) = (up.to_string(), CAPTURED_PORT.to_string());
+    let out = w.run(true, &["hold-then-connect", &ip, &port], LIMIT).await;
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("workload JSON");
     assert_eq!(v["first"], format!("robin {up}:{CAPTURED_PORT}"), "{v}");
     assert_eq!(
         v["second"],

@@ -10,6 +10,7 @@ use std::{
 
 use robin_e2e::{
     ChildGuard, Pki, TempDir, Topology, output_within, pod_etc, require_privileges, robin_bin,
+    temp_dir,
 };
 
 const RULED: &str = "api.test";
@@ -71,7 +72,7 @@ impl ExecWorld {
     fn with_pod_cas(pod_cas: bool) -> Self {
         require_privileges();
         let topo = Topology::new(1);
-        let dir = TempDir::new("exec");
+        let dir = temp_dir("exec");
         let pki = Pki::new(
             dir.path(),
             &[RULED, WILD, PASSTHROUGH, ROGUE, DEAD, BROKER, AUTH],

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use robin_e2e::{ChildGuard, Pki, TempDir, Topology, pod_etc, require_privileges, robin_bin};
+use robin_e2e::{
+    ChildGuard, Pki, TempDir, Topology, pod_etc, require_privileges, robin_bin, temp_dir,
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStdin, ChildStdout},
@@ -42,7 +44,7 @@ impl World {
     fn new() -> Self {
         require_privileges();
         let topo = Topology::new(0);
-        let dir = TempDir::new("hostile");
+        let dir = temp_dir("hostile");
         let pki = Pki::new(dir.path(), &[HOST]);
         let up: IpAddr = topo.upstream_ip4.into();
         pod_etc(&topo.pod, &[(HOST, up)], &[pki.file("robin-ca.crt")]);
@@ -80,6 +82,7 @@ impl World {
 
     /// As [`World::start`], with `RLIMIT_NOFILE` (soft and hard) set to `nofile` for Robin and,
     /// through it, the attacker.
+    #[allow(unsafe_code, reason = "pre_exec: setrlimit in the child before exec")]
     fn start_limited(
         &self,
         robin_args: &[&str],

@@ -5,20 +5,20 @@
 use std::{path::Path, process::Stdio, thread, time::Duration};
 
 use robin_e2e::{
-    BpfPins, Cgroup, ChildGuard, Pki, TempDir, command_in,
+    BpfPins, Cgroup, ChildGuard, Pki, command_in,
     node_fixture::{
         FakeApi, HOST, KubeletCgroups, PodNet, admin_get, curl, debug_pods, default_rule_set,
         free_port, metric, pod_cgroup_id, pod_json, pod_process, pod_state, pod_uid, start_agent,
         wait_for, write_node_config, write_node_config_with,
     },
-    require_privileges, robin_bin,
+    require_privileges, robin_bin, temp_dir,
 };
 use serde_json::json;
 
 #[test]
 fn node_agent_captures_annotated_pods_each_with_its_own_token() {
     require_privileges();
-    let dir = TempDir::new("node");
+    let dir = temp_dir("node");
     let pki = Pki::new(dir.path(), &[HOST]);
     // Two pods, each in its own network namespace with its own upstream.
     let (net_a, net_b) = (
@@ -303,7 +303,7 @@ fn served(log: &Path) -> usize {
 #[test]
 fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     require_privileges();
-    let dir = TempDir::new("restart");
+    let dir = temp_dir("restart");
     let pki = Pki::new(dir.path(), &[HOST]);
     let (net_a, net_b) = (
         PodNet::new(&pki, dir.path().join("up-a.log")),
@@ -442,7 +442,7 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
 #[test]
 fn pod_sandbox_recreated_in_a_new_network_namespace_is_captured_there() {
     require_privileges();
-    let dir = TempDir::new("sandbox");
+    let dir = temp_dir("sandbox");
     let pki = Pki::new(dir.path(), &[HOST]);
     // The pod's first sandbox, and the one the kubelet recreates it with (same pod, same cgroup).
     let (first, second) = (
@@ -526,7 +526,7 @@ print(json.dumps({"ok": ok, "refused": refused, "other": other, "errors": errors
 #[test]
 fn capture_ports_change_with_a_fixed_listener_port_refuses_nothing() {
     require_privileges();
-    let dir = TempDir::new("ports");
+    let dir = temp_dir("ports");
     let pki = Pki::new(dir.path(), &[HOST]);
     let net = PodNet::new(&pki, dir.path().join("up.log"));
     let token_file = dir.path().join("token");

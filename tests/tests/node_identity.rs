@@ -4,12 +4,12 @@
 //! with the agent's own credential. Pods are network namespaces plus kubelet-laid-out cgroups,
 //! as in `node.rs`.
 use robin_e2e::{
-    BpfPins, Pki, TempDir,
+    BpfPins, Pki,
     node_fixture::{
         FakeApi, HOST, KubeletCgroups, MintedToken, PodNet, admin_get, curl, debug_pods, free_port,
         pod_json, pod_process, pod_state, pod_uid, start_agent, wait_for, write_node_config,
     },
-    require_privileges,
+    require_privileges, temp_dir,
 };
 use serde_json::{Value, json};
 
@@ -35,7 +35,7 @@ fn minted_for<'a>(minted: &'a [MintedToken], token: &str) -> &'a MintedToken {
 #[test]
 fn node_agent_requests_a_bound_token_for_each_pod() {
     require_privileges();
-    let dir = TempDir::new("node-ident");
+    let dir = temp_dir("node-ident");
     let pki = Pki::new(dir.path(), &[HOST]);
     let (net_a, net_b) = (
         PodNet::new(&pki, dir.path().join("up-a.log")),

@@ -11,7 +11,7 @@ use robin_e2e::{
         pod_json, pod_process, pod_process_with_mounts, pod_state, pod_uid, start_agent, wait_for,
         write_node_config,
     },
-    require_privileges, unique_id,
+    require_privileges, temp_dir, unique_id,
 };
 use serde_json::{Value, json};
 
@@ -29,7 +29,7 @@ struct World {
 impl World {
     fn new(tag: &str) -> Self {
         require_privileges();
-        let dir = TempDir::new(tag);
+        let dir = temp_dir(tag);
         let pki = Pki::new(dir.path(), &[HOST]);
         let api = FakeApi::start();
         api.open();
@@ -178,7 +178,10 @@ fn a_token_path_naming_the_agents_own_file_gets_503() {
         Some(Path::new("/run")),
         "this test needs the Debian layout on the host: /var/run -> /run"
     );
-    let agent_dir = TempDir(Path::new("/run").join(format!("robin-test-sa-{}", unique_id())));
+    let agent_dir = tempfile::Builder::new()
+        .prefix("robin-test-sa-")
+        .tempdir_in("/run")
+        .expect("scratch dir under /run");
     std::fs::create_dir_all(agent_dir.path()).unwrap();
     let agent_secret = format!("agent-sa-token.{}", unique_id());
     std::fs::write(agent_dir.path().join("token"), &agent_secret).unwrap();

@@ -10,12 +10,12 @@ use std::{path::Path, process::Stdio};
 use base64::Engine as _;
 use robin_agent::webhook::{Distro, Settings, review};
 use robin_e2e::{
-    BpfPins, ChildGuard, Pki, TempDir, command_in,
+    BpfPins, ChildGuard, Pki, command_in,
     node_fixture::{
         FakeApi, HOST, KubeletCgroups, PodNet, admin_get, default_rule_set, free_port, metric,
         pod_json, pod_process, pod_state, pod_uid, start_agent, wait_for, write_node_config,
     },
-    require_privileges, robin_bin,
+    require_privileges, robin_bin, temp_dir,
 };
 use serde_json::{Value, json};
 
@@ -72,7 +72,7 @@ fn write_projected_token(pod: &Value, container: &Value) -> String {
 #[test]
 fn a_webhook_patched_pod_is_captured_and_served_its_token() {
     require_privileges();
-    let dir = TempDir::new("webhook");
+    let dir = temp_dir("webhook");
     let pki = Pki::new(dir.path(), &[HOST]);
     let net = PodNet::new(&pki, dir.path().join("up.log"));
     let pod = patched_pod(dir.path());

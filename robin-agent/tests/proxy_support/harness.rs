@@ -1,4 +1,4 @@
-//! Shared fixtures for the proxy tests: CAs, a recording upstream (TLS or plain), a front
+//! Shared fixtures for the proxy tests: CAs (the kit's `robin_e2e::pki`), a recording upstream (TLS or plain), a front
 //! listener that hands accepted sockets to `Proxy::serve`, and hyper clients.
 #![allow(dead_code)]
 
@@ -20,13 +20,12 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
 use robin_agent::{
     capture::{ClientAddr, OrigDst},
     config::{self, ConfigArgs},
     proxy::{Limits, Proxy},
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -43,41 +42,13 @@ pub async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
-pub struct TestCa {
-    pub cert: rcgen::Certificate,
-    pub key: KeyPair,
-}
-
-impl TestCa {
-    pub fn new(cn: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Self { cert, key }
-    }
-
-    pub fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A server leaf for `names`, as (chain, key).
-    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
+/// The kit's CA (`robin_e2e::pki`), under the name these tests use.
+pub use robin_e2e::pki::Ca as TestCa;
 
 /// A scratch directory with a Robin CA, an upstream CA, a token file and a loaded config.
 pub struct Env {
+    /// Removed when the `Env` drops, also when the test panics.
+    _tmp: tempfile::TempDir,
     pub dir: PathBuf,
     pub robin_ca: TestCa,
     pub upstream_ca: TestCa,
@@ -87,18 +58,21 @@ pub struct Env {
 
 impl Env {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("robin-proxy-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("robin-proxy-{name}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_owned();
         let robin_ca = TestCa::new("Robin Test CA");
         let upstream_ca = TestCa::new("Upstream Test CA");
         std::fs::write(dir.join("ca.crt"), robin_ca.pem()).unwrap();
-        std::fs::write(dir.join("ca.key"), robin_ca.key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.key"), robin_ca.key_pem()).unwrap();
         std::fs::write(dir.join("up.crt"), upstream_ca.pem()).unwrap();
         let token_path = dir.join("token");
         std::fs::write(&token_path, "tok-1\n").unwrap();
         let cfg = load_config(&dir, &token_path, "");
         Self {
+            _tmp: tmp,
             dir,
             robin_ca,
             upstream_ca,
@@ -160,12 +134,6 @@ source = {{ kind = "file", path = {tok:?} }}
         tok = token_path,
     );
     config::from_toml(&toml, "test.toml".as_ref(), &ConfigArgs::default()).unwrap()
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 // ---- a body fed by a channel, for streaming in both directions ----
@@ -270,18 +238,9 @@ pub async fn upstream_tls_idle_close(ca: &TestCa, idle: Duration) -> Upstream {
 }
 
 async fn upstream_tls_with(ca: &TestCa, alpn: &[&[u8]], idle_close: Option<Duration>) -> Upstream {
-    let (chain, key) = ca.leaf(&[HOST, WILD_HOST, OTHER_HOST, "127.0.0.1"]);
-    let leaf = chain[0].clone();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let leaf = ca.leaf(&[HOST, WILD_HOST, OTHER_HOST, "127.0.0.1"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(leaf.server_config(alpn));
+    let leaf = leaf.cert.der().clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
