@@ -5,7 +5,6 @@ mod harness;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use bytes::Bytes;
 use harness::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -116,11 +115,7 @@ async fn injects_over_tls_h2_and_wildcard_host() {
 async fn h2_workload_to_http1_only_upstream() {
     let env = Env::new("h2-to-h1");
     let up = upstream_tls_alpn(&env.upstream_ca, &[b"http/1.1"]).await;
-    let addr = front(env.proxy(), up.addr).await;
-    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))
-        .await
-        .unwrap();
-    let send = within(h2(tls)).await;
+    let send = h2_via_robin(&env, &up).await;
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..4 {
         let mut send = send.clone();
@@ -353,11 +348,7 @@ async fn untrusted_upstream_is_502_and_receives_nothing() {
 async fn h2_with_100_concurrent_streams_on_one_upstream_connection() {
     let env = Env::new("h2-100");
     let up = upstream_tls(&env.upstream_ca).await;
-    let addr = front(env.proxy(), up.addr).await;
-    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))
-        .await
-        .unwrap();
-    let send = within(h2(tls)).await;
+    let send = h2_via_robin(&env, &up).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..100 {
         let mut send = send.clone();
@@ -391,11 +382,7 @@ async fn h2_with_100_concurrent_streams_on_one_upstream_connection() {
 async fn grpc_trailers_and_te_pass_through_h2() {
     let env = Env::new("grpc");
     let up = upstream_tls(&env.upstream_ca).await;
-    let addr = front(env.proxy(), up.addr).await;
-    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))
-        .await
-        .unwrap();
-    let mut send = within(h2(tls)).await;
+    let mut send = h2_via_robin(&env, &up).await;
     let req = Request::post(format!("https://{HOST}/grpc"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -451,20 +438,7 @@ async fn sse_first_event_arrives_before_the_stream_ends() {
         .await
         .unwrap();
     let mut send = within(h1(tls)).await;
-    let resp = within(send.send_request(get("/sse", HOST))).await.unwrap();
-    let mut body = resp.into_body();
-    let first = within(body.frame()).await.unwrap().unwrap();
-    assert_eq!(
-        first.into_data().unwrap(),
-        Bytes::from_static(b"data: one\n\n")
-    );
-    // Only now let the upstream send the rest.
-    up.seen.release.notify_one();
-    let second = within(body.frame()).await.unwrap().unwrap();
-    assert_eq!(
-        second.into_data().unwrap(),
-        Bytes::from_static(b"data: two\n\n")
-    );
+    assert_sse_streams(&mut send, &up).await;
 }
 
 #[tokio::test]

@@ -6,10 +6,8 @@ mod harness;
 
 use std::{net::SocketAddr, sync::atomic::Ordering};
 
-use bytes::Bytes;
 use harness::*;
 use http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -117,19 +115,7 @@ async fn origination_streams_and_upgrades_as_interception_does() {
     let addr = front(env.rule_proxy(&tls_port(up.addr.port())), decoy.addr).await;
 
     let mut send = within(plain(addr)).await;
-    let resp = within(send.send_request(get("/sse", HOST))).await.unwrap();
-    let mut body = resp.into_body();
-    let first = within(body.frame()).await.unwrap().unwrap();
-    assert_eq!(
-        first.into_data().unwrap(),
-        Bytes::from_static(b"data: one\n\n")
-    );
-    up.seen.release.notify_one();
-    let second = within(body.frame()).await.unwrap().unwrap();
-    assert_eq!(
-        second.into_data().unwrap(),
-        Bytes::from_static(b"data: two\n\n")
-    );
+    assert_sse_streams(&mut send, &up).await;
 
     let mut send = within(plain(addr)).await;
     let req = Request::get("/ws")

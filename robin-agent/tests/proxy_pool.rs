@@ -167,11 +167,7 @@ async fn h2_streams_past_the_per_connection_cap_open_another_connection() {
     use http_body_util::BodyExt;
     let env = Env::new("reuse-h2-cap");
     let up = upstream_tls(&env.upstream_ca).await;
-    let addr = front(env.proxy(), up.addr).await;
-    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))
-        .await
-        .unwrap();
-    let send = within(h2(tls)).await;
+    let send = h2_via_robin(&env, &up).await;
     let mut set = tokio::task::JoinSet::new();
     // 120 streams held open at once (each SSE response waits after its first event).
     for _ in 0..120 {

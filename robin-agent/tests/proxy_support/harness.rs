@@ -517,3 +517,36 @@ pub fn header(resp: &Response<Incoming>, name: &str) -> String {
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default()
 }
+
+/// An h2 client of Robin (TLS for HOST, Robin's CA trusted) whose dialled address is `up`.
+pub async fn h2_via_robin(
+    env: &Env,
+    up: &Upstream,
+) -> hyper::client::conn::http2::SendRequest<ChanBody> {
+    let addr = front(env.proxy(), up.addr).await;
+    let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, &[b"h2"]))
+        .await
+        .unwrap();
+    within(h2(tls)).await
+}
+
+/// Reads the upstream's `/sse` stream: the first event must arrive while the upstream still
+/// holds the second back (it sends it once released).
+pub async fn assert_sse_streams(
+    send: &mut hyper::client::conn::http1::SendRequest<ChanBody>,
+    up: &Upstream,
+) {
+    let resp = within(send.send_request(get("/sse", HOST))).await.unwrap();
+    let mut body = resp.into_body();
+    let first = within(body.frame()).await.unwrap().unwrap();
+    assert_eq!(
+        first.into_data().unwrap(),
+        Bytes::from_static(b"data: one\n\n")
+    );
+    up.seen.release.notify_one();
+    let second = within(body.frame()).await.unwrap().unwrap();
+    assert_eq!(
+        second.into_data().unwrap(),
+        Bytes::from_static(b"data: two\n\n")
+    );
+}
