@@ -199,35 +199,48 @@ fn fit_to(
         return Err(ProxyError::InvalidTarget);
     }
     match proto {
-        Proto::H2 => {
-            let uri = Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority)
-                .path_and_query(path)
-                .build()
-                .map_err(|_| ProxyError::InvalidTarget)?;
-            *req.uri_mut() = uri;
-            *req.version_mut() = Version::HTTP_2;
-            req.headers_mut().remove(HOST);
-        }
-        Proto::Http1 => {
-            // An h2 `:authority` (or absolute-form target) takes precedence over any Host
-            // header (RFC 9113 §8.3.1), so the upstream sees the host the rule matched.
-            let had_authority = req.uri().authority().is_some();
-            *req.uri_mut() = path.parse().map_err(|_| ProxyError::InvalidTarget)?;
-            *req.version_mut() = Version::HTTP_11;
-            if had_authority || !req.headers().contains_key(HOST) {
-                let host = HeaderValue::from_str(authority.as_str())
-                    .map_err(|_| ProxyError::InvalidTarget)?;
-                req.headers_mut().insert(HOST, host);
-            }
-            // Only the upgrade handshake keeps a Connection header.
-            if let Some(c) = req.headers_mut().remove(CONNECTION)
-                && c.as_bytes().eq_ignore_ascii_case(b"upgrade")
-            {
-                req.headers_mut().insert(CONNECTION, c);
-            }
-        }
+        Proto::H2 => fit_h2(req, path, scheme, authority),
+        Proto::Http1 => fit_http1(req, path, &authority),
+    }
+}
+
+fn fit_h2(
+    req: &mut Request<Incoming>,
+    path: String,
+    scheme: &Scheme,
+    authority: Authority,
+) -> Result<(), ProxyError> {
+    *req.uri_mut() = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|_| ProxyError::InvalidTarget)?;
+    *req.version_mut() = Version::HTTP_2;
+    req.headers_mut().remove(HOST);
+    Ok(())
+}
+
+fn fit_http1(
+    req: &mut Request<Incoming>,
+    path: String,
+    authority: &Authority,
+) -> Result<(), ProxyError> {
+    // An h2 `:authority` (or absolute-form target) takes precedence over any Host header
+    // (RFC 9113 §8.3.1), so the upstream sees the host the rule matched.
+    let had_authority = req.uri().authority().is_some();
+    *req.uri_mut() = path.parse().map_err(|_| ProxyError::InvalidTarget)?;
+    *req.version_mut() = Version::HTTP_11;
+    if had_authority || !req.headers().contains_key(HOST) {
+        let host =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::InvalidTarget)?;
+        req.headers_mut().insert(HOST, host);
+    }
+    // Only the upgrade handshake keeps a Connection header.
+    if let Some(c) = req.headers_mut().remove(CONNECTION)
+        && c.as_bytes().eq_ignore_ascii_case(b"upgrade")
+    {
+        req.headers_mut().insert(CONNECTION, c);
     }
     Ok(())
 }

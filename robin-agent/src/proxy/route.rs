@@ -94,49 +94,64 @@ impl Routes {
                 name,
                 alpn,
                 orig,
-            } => {
-                // Without a host, only the verified SNI vouches for the destination.
-                let inject = host
-                    .as_deref()
-                    .is_none_or(|h| rule.cfg.matches(&normalize_host(h)));
-                Ok(Route {
-                    rule: inject.then(|| rule.clone()),
-                    target: Target {
-                        dst: *orig,
-                        tls_name: Some(name.clone()),
-                        alpn: *alpn,
-                    },
-                    scheme: Scheme::HTTPS,
-                    authority: parse_authority(host.as_deref().unwrap_or(name))?,
-                })
-            }
-            Self::Plain { rules, orig } => {
-                let normalized = host.as_deref().map(normalize_host);
-                let rule = normalized
-                    .as_deref()
-                    .and_then(|h| rules.iter().find(|r| r.cfg.matches(h)));
-                let authority = match &host {
-                    Some(h) => parse_authority(h)?,
-                    None => parse_authority(&orig.0.to_string())?,
-                };
-                match (rule, normalized) {
-                    (Some(rule), Some(name)) => {
-                        let alpn = if version == Version::HTTP_2 {
-                            Alpn::H2
-                        } else {
-                            Alpn::Http1
-                        };
-                        plain_ruled(rule, name, *orig, authority, alpn)
-                    }
-                    _ => Ok(Route {
-                        rule: None,
-                        target: plain_target(*orig),
-                        scheme: Scheme::HTTP,
-                        authority,
-                    }),
-                }
-            }
+            } => tls_route(rule, name, *alpn, *orig, host.as_deref()),
+            Self::Plain { rules, orig } => plain_route(rules, *orig, host.as_deref(), version),
         }
+    }
+}
+
+/// A request on a connection whose TLS was terminated for `rule` (SNI `name`).
+fn tls_route(
+    rule: &Arc<Rule>,
+    name: &str,
+    alpn: Alpn,
+    orig: OrigDst,
+    host: Option<&str>,
+) -> Result<Route, Refusal> {
+    // Without a host, only the verified SNI vouches for the destination.
+    let inject = host.is_none_or(|h| rule.cfg.matches(&normalize_host(h)));
+    Ok(Route {
+        rule: inject.then(|| rule.clone()),
+        target: Target {
+            dst: orig,
+            tls_name: Some(name.to_owned()),
+            alpn,
+        },
+        scheme: Scheme::HTTPS,
+        authority: parse_authority(host.unwrap_or(name))?,
+    })
+}
+
+/// A plain-HTTP request: the first rule matching its host, if any, decides.
+fn plain_route(
+    rules: &[Arc<Rule>],
+    orig: OrigDst,
+    host: Option<&str>,
+    version: Version,
+) -> Result<Route, Refusal> {
+    let normalized = host.map(normalize_host);
+    let rule = normalized
+        .as_deref()
+        .and_then(|h| rules.iter().find(|r| r.cfg.matches(h)));
+    let authority = match host {
+        Some(h) => parse_authority(h)?,
+        None => parse_authority(&orig.0.to_string())?,
+    };
+    match (rule, normalized) {
+        (Some(rule), Some(name)) => {
+            let alpn = if version == Version::HTTP_2 {
+                Alpn::H2
+            } else {
+                Alpn::Http1
+            };
+            plain_ruled(rule, name, orig, authority, alpn)
+        }
+        _ => Ok(Route {
+            rule: None,
+            target: plain_target(orig),
+            scheme: Scheme::HTTP,
+            authority,
+        }),
     }
 }
 
