@@ -540,17 +540,19 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    struct Scratch(PathBuf);
+    /// A scratch directory holding a test CA, removed on drop.
+    struct Scratch(PathBuf, tempfile::TempDir);
 
     impl Scratch {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("robin-config-{}-{name}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("robin-config-{name}-"))
+                .tempdir()
+                .unwrap();
             let (cert, key) = crate::tls::tests::test_ca("Config CA");
-            std::fs::write(dir.join("ca.crt"), cert).unwrap();
-            std::fs::write(dir.join("ca.key"), key).unwrap();
-            Self(dir)
+            std::fs::write(tmp.path().join("ca.crt"), cert).unwrap();
+            std::fs::write(tmp.path().join("ca.key"), key).unwrap();
+            Self(tmp.path().to_owned(), tmp)
         }
 
         fn toml(&self, body: &str) -> String {
@@ -567,12 +569,6 @@ mod tests {
                 Path::new("t.toml"),
                 &ConfigArgs::default(),
             )
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
