@@ -541,7 +541,7 @@ mod tests {
     use clap::Parser;
 
     /// A scratch directory holding a test CA, removed on drop.
-    struct Scratch(PathBuf, tempfile::TempDir);
+    struct Scratch(tempfile::TempDir);
 
     impl Scratch {
         fn new(name: &str) -> Self {
@@ -552,14 +552,14 @@ mod tests {
             let (cert, key) = crate::tls::tests::test_ca("Config CA");
             std::fs::write(tmp.path().join("ca.crt"), cert).unwrap();
             std::fs::write(tmp.path().join("ca.key"), key).unwrap();
-            Self(tmp.path().to_owned(), tmp)
+            Self(tmp)
         }
 
         fn toml(&self, body: &str) -> String {
             format!(
                 "[tls]\nca_cert = {:?}\nca_key = {:?}\n{body}",
-                self.0.join("ca.crt"),
-                self.0.join("ca.key")
+                self.0.path().join("ca.crt"),
+                self.0.path().join("ca.key")
             )
         }
 
@@ -629,16 +629,16 @@ source = { kind = "file", path = "/tok" }
         let s = Scratch::new("ca");
         let missing = format!(
             "[tls]\nca_cert = {:?}\nca_key = {:?}\n",
-            s.0.join("nope.crt"),
-            s.0.join("ca.key")
+            s.0.path().join("nope.crt"),
+            s.0.path().join("ca.key")
         );
         let e = err_line(from_toml(&missing, Path::new("t"), &ConfigArgs::default()));
         assert!(e.starts_with("tls.ca_cert: reading"), "{e}");
 
         let (_, other_key) = crate::tls::tests::test_ca("Other");
-        std::fs::write(s.0.join("other.key"), other_key).unwrap();
+        std::fs::write(s.0.path().join("other.key"), other_key).unwrap();
         let args = ConfigArgs {
-            ca_key: Some(s.0.join("other.key")),
+            ca_key: Some(s.0.path().join("other.key")),
             ..Default::default()
         };
         let e = err_line(from_toml(&s.toml(""), Path::new("t"), &args));
@@ -839,7 +839,7 @@ source = { kind = "file", path = "/tok" }
     #[test]
     fn env_overrides_file_and_flags_override_env() {
         let s = Scratch::new("env");
-        let file = s.0.join("robin.toml");
+        let file = s.0.path().join("robin.toml");
         std::fs::write(&file, s.toml("[capture]\nports = [1]\nlistener_port = 1\n")).unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "config::tests::env_child", "--nocapture"])
@@ -861,7 +861,7 @@ source = { kind = "file", path = "/tok" }
     #[test]
     fn ports_and_flag_precedence() {
         let s = Scratch::new("flags");
-        let file = s.0.join("robin.toml");
+        let file = s.0.path().join("robin.toml");
         std::fs::write(
             &file,
             s.toml("[capture]\nports = [8080]\nlistener_port = 15001\n"),
