@@ -43,12 +43,11 @@ use crate::{
 
 pub mod config;
 pub mod kube;
-pub mod kubeconfig;
 pub mod podcgroup;
 pub mod wait;
 
+use self::kube::{Pod, PodEvent};
 use config::NodeConfig;
-use kube::{ApiClient, Pod, PodEvent};
 
 pub const ANN_INJECT: &str = "robin.dev/inject";
 pub const ANN_RULES: &str = "robin.dev/rules";
@@ -107,7 +106,7 @@ pub struct NodeArgs {
     pub kube_ca: Option<PathBuf>,
     /// Kubeconfig file(s), colon-separated, used when --kube-api is not given (outside a
     /// cluster). Default when not in a pod: ~/.kube/config.
-    #[arg(long, env = kubeconfig::ENV_KUBECONFIG, value_name = "FILES")]
+    #[arg(long, env = kube::ENV_KUBECONFIG, value_name = "FILES")]
     pub kubeconfig: Option<String>,
     /// Kubeconfig context (default: its current-context).
     #[arg(long, value_name = "NAME")]
@@ -395,7 +394,8 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
     };
     tracing::info!(cgroup_root = %cgroup_root.display(), "pod cgroups");
-    let client = api_client(&args, |k| std::env::var(k).ok())
+    let client = kube::client(&args)
+        .await
         .context("configuring the Kubernetes client")?;
 
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
@@ -443,42 +443,6 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         "shutting down; pinned capture stays in place"
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Which API server, in kube-rs's order: `--kube-api`; else a kubeconfig named by
-/// `--kubeconfig`/`KUBECONFIG`; else in-cluster config; else `~/.kube/config`.
-fn api_client(
-    args: &NodeArgs,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> anyhow::Result<ApiClient> {
-    if let Some(url) = &args.kube_api {
-        return Ok(ApiClient::new(
-            url,
-            args.kube_token_file.clone(),
-            args.kube_ca.as_deref(),
-        )?);
-    }
-    let from_kubeconfig = |paths: Vec<PathBuf>| -> anyhow::Result<ApiClient> {
-        let endpoint = kubeconfig::load(&paths, args.kube_context.as_deref())?;
-        tracing::info!(server = %endpoint.server, ?paths, "using kubeconfig");
-        Ok(ApiClient::from_kubeconfig(&endpoint)?)
-    };
-    if let Some(files) = args.kubeconfig.as_deref().filter(|f| !f.is_empty()) {
-        return from_kubeconfig(kubeconfig::paths_from_env(files));
-    }
-    match ApiClient::in_cluster(&lookup) {
-        Err(kube::KubeError::NotInCluster) => {
-            let home = lookup("HOME").map(PathBuf::from);
-            match home.map(|h| h.join(".kube/config")).filter(|p| p.exists()) {
-                Some(p) => from_kubeconfig(vec![p]),
-                None => Err(anyhow::anyhow!(
-                    "no API server: not in a cluster ({} unset), no --kube-api, no kubeconfig",
-                    kube::ENV_SERVICE_HOST
-                )),
-            }
-        }
-        other => Ok(other?),
-    }
 }
 
 async fn sigterm() {
