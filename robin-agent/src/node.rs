@@ -11,17 +11,13 @@
 //! a captured pod's connects are still redirected, find no listener and are refused. A starting
 //! agent adopts the pinned attachments: each is replaced, without a gap, when its pod is
 //! captured again, and released once the first pod list shows its pod is gone.
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    process::ExitCode,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{collections::HashMap, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::{
+    admin::{Admin, Readiness},
     capture::{self, Capturer, PinDir},
     conns::Connections,
     serve::Served,
@@ -33,6 +29,7 @@ pub mod args;
 pub mod config;
 pub mod kube;
 pub mod kubeconfig;
+pub mod metrics;
 pub mod podcgroup;
 pub mod pods;
 mod reconciler;
@@ -40,7 +37,7 @@ pub mod wait;
 
 pub use annotations::{ANN_CAPTURE_PORTS, ANN_INJECT, ANN_RULES, ANN_TOKEN_PATH, Wanted, wanted};
 pub use args::NodeArgs;
-pub use pods::{NodeShared, PodState, PodView, Totals};
+pub use pods::{DebugPods, NodeShared, PodState, PodView, Totals};
 
 use config::NodeConfig;
 use kube::ApiClient;
@@ -81,12 +78,15 @@ pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
 
 async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(NodeShared::default());
+    let readiness = Readiness::default();
+    let programs_loaded = readiness.register("programs_loaded");
+    let watch_synced = readiness.register("pod_watch_synced");
     let nofile = crate::conns::raise_nofile_limit();
     let conns = Connections::for_limit(cfg.base.capture.max_connections, nofile);
     tokio::spawn(crate::conns::trim_when_load_falls(conns.clone()));
     let _ = shared.connections.set(conns.clone());
     // The CA was loaded and checked against its key by the config loader.
-    shared.ca_loaded.store(true, Ordering::Relaxed);
+    readiness.register("ca_loaded").mark_ready();
     tracing::info!(
         node = %args.node_name,
         rule_sets = ?cfg.rule_sets.keys().collect::<Vec<_>>(),
@@ -95,6 +95,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         "effective configuration"
     );
     let (capturer, adopted) = load_capture(&args, &shared)?;
+    programs_loaded.mark_ready();
     let cgroup_root = match args.cgroup_root.clone().or(cfg.cgroup_root.clone()) {
         Some(r) => podcgroup::cgroup2_root(&r).context("checking the cgroup root")?,
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
@@ -107,17 +108,33 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding the admin plane on {}", args.admin_addr))?;
     tracing::info!(addr = %admin.local_addr().unwrap_or(args.admin_addr), "admin plane listening");
-    tokio::spawn(crate::admin::serve(admin, shared.clone()));
+    let mut plane = Admin::new(readiness.clone());
+    plane.register("/debug/pods", Arc::new(DebugPods(shared.clone())));
+    let node_metrics = metrics::NodeMetrics {
+        shared: shared.clone(),
+        readiness,
+    };
+    plane.register("/metrics", Arc::new(node_metrics));
+    tokio::spawn(plane.serve(admin));
 
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(kube::run_pod_watch(
         client,
         args.node_name.clone(),
         tx,
-        shared.watch_synced.clone(),
+        // Readiness is latched by the reconciler once it has applied the first list.
+        Arc::default(),
     ));
     let served = Served::new(conns);
-    let reconciler = Reconciler::new(capturer, cfg, cgroup_root, shared, adopted, served.clone());
+    let reconciler = Reconciler::new(
+        capturer,
+        cfg,
+        cgroup_root,
+        shared,
+        adopted,
+        served.clone(),
+        watch_synced,
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let mut reconciler = tokio::spawn(reconciler.run(rx, stopped));
     tokio::select! {
@@ -154,7 +171,6 @@ fn load_capture(
         adopted = adopted.len(),
         "eBPF capture loaded"
     );
-    shared.programs_loaded.store(true, Ordering::Relaxed);
     Ok((capturer, adopted))
 }
 

@@ -3,15 +3,19 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
 use serde::Serialize;
 
-use crate::{capture, proxy::Proxy};
+use crate::{
+    admin::{self, AdminHandler},
+    capture,
+    proxy::Proxy,
+};
 
 /// Where an opted-in pod stands: the `state` of `/debug/pods` and the label values of
 /// `robin_pods{state}`, one set.
@@ -135,12 +139,9 @@ impl Totals {
     }
 }
 
-/// What the reconciler shares with the admin plane.
+/// What the reconciler shares with the admin plane's handlers.
 #[derive(Default)]
 pub struct NodeShared {
-    pub programs_loaded: AtomicBool,
-    pub watch_synced: Arc<AtomicBool>,
-    pub ca_loaded: AtomicBool,
     /// By pod uid: every opted-in pod the agent knows of.
     pub pods: Mutex<BTreeMap<String, PodView>>,
     /// Proxies of captured pods, by uid (for metrics).
@@ -152,21 +153,6 @@ pub struct NodeShared {
 }
 
 impl NodeShared {
-    pub fn ready(&self) -> bool {
-        self.programs_loaded.load(Ordering::Relaxed)
-            && self.watch_synced.load(Ordering::Relaxed)
-            && self.ca_loaded.load(Ordering::Relaxed)
-    }
-
-    pub fn captured_pods(&self) -> usize {
-        self.pods
-            .lock()
-            .expect("pods lock")
-            .values()
-            .filter(|p| p.state == PodState::Captured)
-            .count()
-    }
-
     /// Counters over every proxy this agent has run.
     pub fn totals(&self) -> Totals {
         let mut t = self.retired.lock().expect("retired lock").clone();
@@ -174,5 +160,33 @@ impl NodeShared {
             t.add(p);
         }
         t
+    }
+
+    /// `/debug/pods`: every opted-in pod as JSON, no secrets.
+    pub fn debug_pods(&self) -> Result<String, serde_json::Error> {
+        let pods: Vec<_> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .cloned()
+            .collect();
+        serde_json::to_string_pretty(&pods)
+    }
+}
+
+/// The `/debug/pods` handler the node registers with the admin plane.
+pub struct DebugPods(pub Arc<NodeShared>);
+
+impl AdminHandler for DebugPods {
+    fn get(&self) -> Response<Full<Bytes>> {
+        match self.0.debug_pods() {
+            Ok(body) => admin::text(StatusCode::OK, "application/json", body),
+            Err(e) => admin::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("serializing pods: {e}\n"),
+            ),
+        }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admin::ReadyLatch,
     capture::{self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs},
     identity::{self, PodRef},
     podfs::{PodFs, PodRoot},
@@ -65,6 +66,8 @@ pub(super) struct Reconciler {
     listed: bool,
     /// Every pod's accept loop and connections, for the drain at shutdown.
     served: Served,
+    /// Marked once the first complete pod list has been applied.
+    watch_synced: Option<ReadyLatch>,
 }
 
 impl Reconciler {
@@ -75,6 +78,7 @@ impl Reconciler {
         shared: Arc<NodeShared>,
         adopted: HashMap<u64, Attachment>,
         served: Served,
+        watch_synced: ReadyLatch,
     ) -> Self {
         Self {
             capturer,
@@ -86,6 +90,7 @@ impl Reconciler {
             adopted,
             listed: false,
             served,
+            watch_synced: Some(watch_synced),
         }
     }
 
@@ -141,6 +146,9 @@ impl Reconciler {
         }
         self.listed = true;
         self.release_unclaimed();
+        if let Some(latch) = self.watch_synced.take() {
+            latch.mark_ready();
+        }
     }
 
     /// Every second: retry pods not captured yet, release what no pod claims, re-check the
