@@ -11,7 +11,7 @@
 //! a captured pod's connects are still redirected, find no listener and are refused. A starting
 //! agent adopts the pinned attachments: each is replaced, without a gap, when its pod is
 //! captured again, and released once the first pod list shows its pod is gone.
-use std::{collections::HashMap, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{collections::HashMap, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -28,7 +28,6 @@ pub mod annotations;
 pub mod args;
 pub mod config;
 pub mod kube;
-pub mod kubeconfig;
 pub mod metrics;
 pub mod podcgroup;
 pub mod pods;
@@ -40,7 +39,6 @@ pub use args::NodeArgs;
 pub use pods::{DebugPods, NodeShared, PodState, PodView, Totals};
 
 use config::NodeConfig;
-use kube::ApiClient;
 use reconciler::Reconciler;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +99,8 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
     };
     tracing::info!(cgroup_root = %cgroup_root.display(), "pod cgroups");
-    let client = api_client(&args, |k| std::env::var(k).ok())
+    let client = kube::client(&args)
+        .await
         .context("configuring the Kubernetes client")?;
 
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
@@ -172,42 +171,6 @@ fn load_capture(
         "eBPF capture loaded"
     );
     Ok((capturer, adopted))
-}
-
-/// Which API server, in kube-rs's order: `--kube-api`; else a kubeconfig named by
-/// `--kubeconfig`/`KUBECONFIG`; else in-cluster config; else `~/.kube/config`.
-fn api_client(
-    args: &NodeArgs,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> anyhow::Result<ApiClient> {
-    if let Some(url) = &args.kube_api {
-        return Ok(ApiClient::new(
-            url,
-            args.kube_token_file.clone(),
-            args.kube_ca.as_deref(),
-        )?);
-    }
-    let from_kubeconfig = |paths: Vec<PathBuf>| -> anyhow::Result<ApiClient> {
-        let endpoint = kubeconfig::load(&paths, args.kube_context.as_deref())?;
-        tracing::info!(server = %endpoint.server, ?paths, "using kubeconfig");
-        Ok(ApiClient::from_kubeconfig(&endpoint)?)
-    };
-    if let Some(files) = args.kubeconfig.as_deref().filter(|f| !f.is_empty()) {
-        return from_kubeconfig(kubeconfig::paths_from_env(files));
-    }
-    match ApiClient::in_cluster(&lookup) {
-        Err(kube::KubeError::NotInCluster) => {
-            let home = lookup("HOME").map(PathBuf::from);
-            match home.map(|h| h.join(".kube/config")).filter(|p| p.exists()) {
-                Some(p) => from_kubeconfig(vec![p]),
-                None => Err(anyhow::anyhow!(
-                    "no API server: not in a cluster ({} unset), no --kube-api, no kubeconfig",
-                    kube::ENV_SERVICE_HOST
-                )),
-            }
-        }
-        other => Ok(other?),
-    }
 }
 
 async fn sigterm() {

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+pub mod fake_api;
 pub mod node_fixture;
 
 pub use robin_agent::capture::{Cgroup, NetNs, find_cgroup2_mount};

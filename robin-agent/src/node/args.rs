@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::config::ConfigArgs;
 
-use super::kubeconfig;
+use super::kube;
 
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CGROUP_ROOT: &str = "ROBIN_CGROUP_ROOT";
@@ -35,7 +35,7 @@ pub struct NodeArgs {
     pub kube_ca: Option<PathBuf>,
     /// Kubeconfig file(s), colon-separated, used when --kube-api is not given (outside a
     /// cluster). Default when not in a pod: ~/.kube/config.
-    #[arg(long, env = kubeconfig::ENV_KUBECONFIG, value_name = "FILES")]
+    #[arg(long, env = kube::ENV_KUBECONFIG, value_name = "FILES")]
     pub kubeconfig: Option<String>,
     /// Kubeconfig context (default: its current-context).
     #[arg(long, value_name = "NAME")]
