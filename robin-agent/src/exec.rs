@@ -10,12 +10,14 @@ use std::{
 };
 
 use anyhow::Context as _;
+use tokio::sync::watch;
 
 use crate::{
     capture::{self, CaptureSettings, CapturedListener, Capturer, Cgroup, Cgroup2Mount, NetNs},
     config::{self, ConfigArgs},
     conns::{self, Connections},
     proxy::Proxy,
+    serve::Served,
 };
 
 #[derive(clap::Args, Debug)]
@@ -75,19 +77,15 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         "capturing"
     );
 
-    let in_flight = Arc::new(());
-    let serve = tokio::spawn(accept_loop(
-        listener.clone(),
-        proxy,
-        in_flight.clone(),
-        conns.clone(),
-    ));
+    let served = Served::new(conns.clone());
+    // The proxy never changes here; the channel is what `serve` reads it from.
+    let (_proxy, proxy_rx) = watch::channel(proxy);
+    served.serve(listener, proxy_rx, None, tracing::Span::current());
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
         .await
         .context("waiting for the command")?;
-    serve.abort();
-    crate::proxy::drain(&in_flight, DRAIN_TIMEOUT).await;
+    served.drain(DRAIN_TIMEOUT).await;
     // `robin exec` has no metrics endpoint: the cap's effect goes in the last log record.
     tracing::info!(
         shed = conns.shed_total(),
@@ -111,30 +109,6 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
 
 /// Longest wait, once CMD has exited, for its connections to finish (and be logged).
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-async fn accept_loop(
-    listener: Arc<CapturedListener>,
-    proxy: Proxy,
-    in_flight: Arc<()>,
-    conns: Arc<Connections>,
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, orig, client)) => {
-                let Some(conn) = conns.admit() else {
-                    continue;
-                };
-                let proxy = proxy.clone();
-                let guard = in_flight.clone();
-                tokio::spawn(async move {
-                    proxy.serve_admitted(stream, orig, client, conn).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => conns.accept_failed(&e).await,
-        }
-    }
-}
 
 /// Starts `command` already inside `cgroup`: the child moves itself between fork and exec, so
 /// not one connect happens uncaptured. It also dies with Robin (PDEATHSIG): a workload must never

@@ -13,5 +13,6 @@ pub mod node;
 pub mod oidc_gateway;
 pub mod podfs;
 pub mod proxy;
+pub mod serve;
 pub mod tls;
 pub mod webhook;

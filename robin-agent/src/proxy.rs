@@ -168,16 +168,6 @@ impl ProxyStats {
     }
 }
 
-/// Waits until no connection task holds a clone of `in_flight` (each task clones it for its
-/// lifetime), at most `timeout`; returns how many were still open.
-pub async fn drain(in_flight: &Arc<()>, timeout: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while Arc::strong_count(in_flight) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Arc::strong_count(in_flight) - 1
-}
-
 /// A rule with its identity source built.
 #[derive(Debug)]
 pub struct Rule {

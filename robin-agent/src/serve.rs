@@ -1,0 +1,130 @@
+//! Serving capture listeners, the same for `robin exec` and every pod of `robin node`: accept,
+//! admit under the connection cap, hand the connection to the listener's current proxy; on
+//! shutdown stop every accept loop and wait, bounded, for the connections in flight.
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use crate::{capture::CapturedListener, conns::Connections, proxy::Proxy};
+
+/// A connect the agent answers itself instead of proxying it (`robin await` asking whether its
+/// pod is captured).
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub ip: IpAddr,
+    pub answer: &'static [u8],
+}
+
+/// Every accept loop and connection task of the process, so one drain covers them all.
+#[derive(Clone)]
+pub struct Served {
+    conns: Arc<Connections>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Served {
+    pub fn new(conns: Arc<Connections>) -> Self {
+        Self {
+            conns,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.conns
+    }
+
+    /// Serves `listener` in its own task (inside `span`) until the returned token or the drain
+    /// stops it; the listener closes when the loop ends. Each connection is served by the proxy
+    /// `proxy` holds when it is accepted, so a new proxy applies to new connections only.
+    pub fn serve(
+        &self,
+        listener: Arc<CapturedListener>,
+        proxy: watch::Receiver<Proxy>,
+        probe: Option<Probe>,
+        span: tracing::Span,
+    ) -> CancellationToken {
+        let stop = self.stop.child_token();
+        let this = self.clone();
+        tokio::spawn(
+            this.accept_loop(listener, proxy, probe, stop.clone())
+                .instrument(span),
+        );
+        stop
+    }
+
+    async fn accept_loop(
+        self,
+        listener: Arc<CapturedListener>,
+        proxy: watch::Receiver<Proxy>,
+        probe: Option<Probe>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, orig, client)) => {
+                    if let Some(p) = probe.filter(|p| p.ip == orig.0.ip()) {
+                        self.tasks.spawn(answer(stream, p.answer));
+                        continue;
+                    }
+                    let Some(conn) = self.conns.admit() else {
+                        continue;
+                    };
+                    let proxy = proxy.borrow().clone();
+                    self.tasks.spawn(async move {
+                        proxy.serve_admitted(stream, orig, client, conn).await;
+                    });
+                }
+                Err(e) => self.conns.accept_failed(&e).await,
+            }
+        }
+    }
+
+    /// Stops every accept loop (their listeners close), then waits up to `timeout` for the
+    /// connections in flight; returns how many were still open.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(timeout, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, answer: &'static [u8]) {
+    use tokio::io::AsyncWriteExt as _;
+    let _ = stream.write_all(answer).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn drain_waits_for_tasks_and_counts_the_rest() {
+        let served = Served::new(Connections::new(4));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        served.tasks.spawn(async move {
+            let _ = done_rx.await;
+        });
+        served.tasks.spawn(std::future::pending::<()>());
+        let drain = served.drain(Duration::from_secs(5));
+        tokio::pin!(drain);
+        // The first task finishes during the drain, the second never does.
+        tokio::select! {
+            _ = &mut drain => panic!("drained with tasks in flight"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let _ = done_tx.send(());
+        assert_eq!(drain.await, 1);
+        assert!(served.stop.is_cancelled());
+    }
+}
