@@ -249,6 +249,16 @@ enum Mode {
     Splice,
 }
 
+/// What a connection's closing log line says about it.
+struct Seen {
+    start: Instant,
+    client: ClientAddr,
+    orig: OrigDst,
+    tls: bool,
+    /// The sniffed SNI or Host, `-` when there was none.
+    name: String,
+}
+
 impl Proxy {
     pub fn new(cfg: &Config) -> Result<Self, ProxyError> {
         Self::with_limits(cfg, Limits::default())
@@ -402,87 +412,112 @@ impl Proxy {
             Sniffed::Http { host } => (host.clone(), false),
             Sniffed::Unknown => (None, false),
         };
-        let mode = match (&sniffed, &name) {
-            // Every request is routed on hyper's parse, whatever the first one named.
-            (Sniffed::Http { .. }, _) => {
-                Mode::Intercept(None, name.clone().unwrap_or_else(|| "-".into()))
+        let seen = Seen {
+            start,
+            client,
+            orig,
+            tls,
+            name: name.clone().unwrap_or_else(|| "-".into()),
+        };
+        match self.mode_for(&sniffed, name) {
+            Mode::Splice => {
+                let _busy = activity.busy();
+                self.splice(stream, &prefix, &seen, &conn_span).await;
             }
-            (_, Some(n)) => match self.rule_for(n) {
-                Some(rule) => Mode::Intercept(Some(rule), n.clone()),
+            Mode::Intercept(rule, name) => {
+                let seen = Seen { name, ..seen };
+                self.serve_intercepted(stream, prefix, rule, seen, activity, &conn_span)
+                    .await;
+            }
+        }
+    }
+
+    /// Plain HTTP is always served by hyper, every request routed on its own host; TLS is
+    /// intercepted only for a ruled SNI; anything else is spliced.
+    fn mode_for(&self, sniffed: &Sniffed, name: Option<String>) -> Mode {
+        match (sniffed, name) {
+            (Sniffed::Http { .. }, name) => {
+                Mode::Intercept(None, name.unwrap_or_else(|| "-".into()))
+            }
+            (_, Some(n)) => match self.rule_for(&n) {
+                Some(rule) => Mode::Intercept(Some(rule), n),
                 None => Mode::Splice,
             },
             (_, None) => Mode::Splice,
-        };
-        let name_field = name.as_deref().unwrap_or("-");
-        match mode {
-            Mode::Splice => {
-                let _busy = activity.busy();
-                let span = conn_span.get();
-                let res = splice::splice(
-                    stream,
-                    &prefix,
-                    orig,
-                    limits.connect_timeout,
-                    &self.inner.dialer,
-                )
-                .instrument(span.clone())
-                .await;
-                let ms = start.elapsed().as_millis() as u64;
-                match res {
-                    Ok((up, down)) => {
-                        let stats = &self.inner.stats;
-                        stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
-                        stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
-                        stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
-                        info!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
-                    }
-                    Err(e) => {
-                        self.inner
-                            .stats
-                            .conn_splice_failed
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(parent: &span, %client, dst = %orig, name = name_field, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
-                    }
-                }
-            }
-            Mode::Intercept(rule, name) => {
-                self.inner
-                    .stats
-                    .conn_intercepted
-                    .fetch_add(1, Ordering::Relaxed);
-                let counts = Arc::new(ByteCounts::default());
-                counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-                // The socket comes back when hyper drops it, so an error close can linger
-                // without a second descriptor held for the connection's life.
-                let (socket, handback) = linger::Handback::new(stream);
-                let io = Rewind::new(prefix, socket, counts.clone());
-                let label = rule
-                    .as_ref()
-                    .map_or_else(|| "-".to_owned(), |r| r.label.clone());
-                let res = self
-                    .intercept(io, rule, name.clone(), activity, &conn_span)
-                    .await;
-                // Only an error close needs it (a 431 or 400 with the client still sending);
-                // after an upgrade the tunnel still owns the socket and nothing is handed back.
-                if let (Some(stream), true) = (handback.take(), res.is_err()) {
-                    tokio::spawn(linger::lingering_close(stream));
-                }
-                let ms = start.elapsed().as_millis() as u64;
-                let up = counts.up.load(Ordering::Relaxed);
-                let down = counts.down.load(Ordering::Relaxed);
-                let stats = &self.inner.stats;
+        }
+    }
+
+    async fn splice(&self, stream: TcpStream, prefix: &[u8], seen: &Seen, conn_span: &ConnSpan) {
+        let span = conn_span.get();
+        let limits = &self.inner.limits;
+        let res = splice::splice(
+            stream,
+            prefix,
+            seen.orig,
+            limits.connect_timeout,
+            &self.inner.dialer,
+        )
+        .instrument(span.clone())
+        .await;
+        let ms = seen.start.elapsed().as_millis() as u64;
+        let (client, orig, name, tls) = (seen.client, seen.orig, seen.name.as_str(), seen.tls);
+        let stats = &self.inner.stats;
+        match res {
+            Ok((up, down)) => {
+                stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
                 stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
-                let span = conn_span.made();
-                match res {
-                    Ok(()) => {
-                        info!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
-                    }
-                    Err(e) => {
-                        self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
-                    }
-                }
+                info!(parent: &span, %client, dst = %orig, name, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
+            }
+            Err(e) => {
+                stats.conn_splice_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(parent: &span, %client, dst = %orig, name, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
+            }
+        }
+    }
+
+    async fn serve_intercepted(
+        &self,
+        stream: TcpStream,
+        prefix: Vec<u8>,
+        rule: Option<Arc<Rule>>,
+        seen: Seen,
+        activity: Activity,
+        conn_span: &Arc<ConnSpan>,
+    ) {
+        let stats = &self.inner.stats;
+        stats.conn_intercepted.fetch_add(1, Ordering::Relaxed);
+        let counts = Arc::new(ByteCounts::default());
+        counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        // The socket comes back when hyper drops it, so an error close can linger
+        // without a second descriptor held for the connection's life.
+        let (socket, handback) = linger::Handback::new(stream);
+        let io = Rewind::new(prefix, socket, counts.clone());
+        let label = rule
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |r| r.label.clone());
+        let res = self
+            .intercept(io, rule, seen.name.clone(), activity, conn_span)
+            .await;
+        // Only an error close needs it (a 431 or 400 with the client still sending);
+        // after an upgrade the tunnel still owns the socket and nothing is handed back.
+        if let (Some(stream), true) = (handback.take(), res.is_err()) {
+            tokio::spawn(linger::lingering_close(stream));
+        }
+        let ms = seen.start.elapsed().as_millis() as u64;
+        let up = counts.up.load(Ordering::Relaxed);
+        let down = counts.down.load(Ordering::Relaxed);
+        stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
+        stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
+        let span = conn_span.made();
+        let (client, orig, name, tls) = (seen.client, seen.orig, seen.name.as_str(), seen.tls);
+        match res {
+            Ok(()) => {
+                info!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
+            }
+            Err(e) => {
+                stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
             }
         }
     }
@@ -497,26 +532,7 @@ impl Proxy {
     ) -> Result<(), String> {
         let orig = conn_span.orig;
         let limits = &self.inner.limits;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(limits.h2_keep_alive)
-            .keep_alive_timeout(limits.h2_keep_alive)
-            .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
-            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
-            .initial_stream_window_size(h2_limits::STREAM_WINDOW)
-            .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
-            .max_frame_size(h2_limits::MAX_FRAME_SIZE)
-            .max_send_buf_size(h2_limits::MAX_SEND_BUF);
+        let builder = server_builder(limits);
 
         let ctx = |routes| {
             Arc::new(intercept::ConnCtx {
@@ -575,4 +591,30 @@ impl Proxy {
             .await
             .map_err(|e| format!("serving https: {e}"))
     }
+}
+
+/// The workload-facing HTTP server: header timeout and size caps for HTTP/1, explicit limits
+/// for HTTP/2 (see `h2_limits`).
+fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.h2_keep_alive)
+        .keep_alive_timeout(limits.h2_keep_alive)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
+        .initial_stream_window_size(h2_limits::STREAM_WINDOW)
+        .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
+        .max_frame_size(h2_limits::MAX_FRAME_SIZE)
+        .max_send_buf_size(h2_limits::MAX_SEND_BUF);
+    builder
 }
