@@ -401,7 +401,25 @@ pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
 
 /// As [`load`], from TOML text; `path` only labels errors.
 pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let raw = parse_raw(text, path)?;
+    // Validation order is part of the contract: the first bad key is the one reported.
+    let tls = tls_settings(raw.tls, args)?;
+    let capture = capture_settings(raw.capture, args)?;
+    let inject = raw
+        .inject
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| inject_rule(i, rule))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Config {
+        tls,
+        capture,
+        inject,
+    })
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         // toml's message spans several lines with a source excerpt; keep the first.
         let msg = e.message().lines().next().unwrap_or_default().to_owned();
         let at = e
@@ -410,32 +428,26 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
             .map(|l| format!(" (line {l})"))
             .unwrap_or_default();
         ConfigError::Parse(path.to_owned(), format!("{msg}{at}"))
-    })?;
+    })
+}
 
-    let ca_cert = args.ca_cert.clone().or(raw.tls.ca_cert).ok_or_else(|| {
+/// CLI/env overrides win over the file; the CA is loaded here so a bad one fails at startup.
+fn tls_settings(raw: RawTls, args: &ConfigArgs) -> Result<TlsSettings, ConfigError> {
+    let ca_cert = args.ca_cert.clone().or(raw.ca_cert).ok_or_else(|| {
         invalid(
             "tls.ca_cert",
             format!("required (or --ca-cert / {ENV_CA_CERT})"),
         )
     })?;
-    let ca_key = args.ca_key.clone().or(raw.tls.ca_key).ok_or_else(|| {
+    let ca_key = args.ca_key.clone().or(raw.ca_key).ok_or_else(|| {
         invalid(
             "tls.ca_key",
             format!("required (or --ca-key / {ENV_CA_KEY})"),
         )
     })?;
-    let upstream_roots = args.upstream_roots.clone().or(raw.tls.upstream_roots);
+    let upstream_roots = args.upstream_roots.clone().or(raw.upstream_roots);
     if let Some(roots) = &upstream_roots {
-        crate::tls::UpstreamTls::from_pem_roots(&std::fs::read(roots).map_err(|e| {
-            invalid(
-                "tls.upstream_roots",
-                format!("reading {}: {e}", roots.display()),
-            )
-        })?)
-        .map_err(|e| ConfigError::Ca {
-            key: "tls.upstream_roots",
-            source: e,
-        })?;
+        check_upstream_roots(roots)?;
     }
     let ca = CertAuthority::load(&ca_cert, &ca_key).map_err(|e| ConfigError::Ca {
         key: match e {
@@ -445,11 +457,35 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
         },
         source: e,
     })?;
+    Ok(TlsSettings {
+        ca_cert,
+        ca_key,
+        upstream_roots,
+        ca: Arc::new(ca),
+    })
+}
 
+/// Parses the roots now (and drops them) so a bad bundle is a config error, not a
+/// per-connection one.
+fn check_upstream_roots(roots: &Path) -> Result<(), ConfigError> {
+    let pem = std::fs::read(roots).map_err(|e| {
+        invalid(
+            "tls.upstream_roots",
+            format!("reading {}: {e}", roots.display()),
+        )
+    })?;
+    crate::tls::UpstreamTls::from_pem_roots(&pem).map_err(|e| ConfigError::Ca {
+        key: "tls.upstream_roots",
+        source: e,
+    })?;
+    Ok(())
+}
+
+fn capture_settings(raw: RawCapture, args: &ConfigArgs) -> Result<CaptureSettings, ConfigError> {
     let ports = args
         .capture_ports
         .clone()
-        .or(raw.capture.ports)
+        .or(raw.ports)
         .unwrap_or_else(|| DEFAULT_PORTS.to_vec());
     if ports.is_empty() || ports.contains(&0) {
         return Err(invalid(
@@ -457,70 +493,58 @@ pub fn from_toml(text: &str, path: &Path, args: &ConfigArgs) -> Result<Config, C
             "must list at least one port, none of them 0",
         ));
     }
-    let listener_port = args
-        .listener_port
-        .or(raw.capture.listener_port)
-        .unwrap_or(0);
-    let max_connections = args.max_connections.or(raw.capture.max_connections);
+    let listener_port = args.listener_port.or(raw.listener_port).unwrap_or(0);
+    let max_connections = args.max_connections.or(raw.max_connections);
     if max_connections == Some(0) {
         return Err(invalid("capture.max_connections", "must be at least 1"));
     }
+    Ok(CaptureSettings {
+        ports,
+        listener_port,
+        max_connections,
+    })
+}
 
-    let mut inject = Vec::with_capacity(raw.inject.len());
-    for (i, rule) in raw.inject.into_iter().enumerate() {
-        let key = |k: &str| format!("inject[{i}].{k}");
-        if rule.hosts.is_empty() {
-            return Err(invalid(key("hosts"), "must list at least one host"));
-        }
-        let hosts = rule
-            .hosts
-            .iter()
-            .map(|h| HostPattern::parse(h))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|r| invalid(key("hosts"), r))?;
-        let header = parse_header(rule.header.as_deref().unwrap_or(DEFAULT_HEADER))
-            .map_err(|r| invalid(key("header"), r))?;
-        let format = TokenFormat::parse(rule.format.as_deref().unwrap_or(DEFAULT_FORMAT))
-            .map_err(|r| invalid(key("format"), r))?;
-        let upstream_tls_port = match rule.upstream_tls_port {
-            Some(0) => return Err(invalid(key("upstream_tls_port"), "must not be 0")),
-            p => p.unwrap_or(DEFAULT_UPSTREAM_TLS_PORT),
-        };
-        let plaintext = rule
-            .plaintext
-            .map(|p| parse_cidrs(&p.allow_cidrs))
-            .transpose()
-            .map_err(|r| invalid(key("plaintext.allow_cidrs"), r))?;
-        if rule.expect_audience.as_deref().is_some_and(str::is_empty) {
-            return Err(invalid(key("expect_audience"), "must not be empty"));
-        }
-        let audience = rule
-            .expect_audience
-            .or_else(|| rule.source.audience().map(str::to_owned));
-        inject.push(InjectRule {
-            hosts,
-            source: rule.source,
-            header,
-            format,
-            upstream_tls_port,
-            plaintext,
-            audience,
-        });
+/// Validates `inject[i]`; errors name the rule by index so they point at the file.
+fn inject_rule(i: usize, rule: RawRule) -> Result<InjectRule, ConfigError> {
+    let key = |k: &str| format!("inject[{i}].{k}");
+    if rule.hosts.is_empty() {
+        return Err(invalid(key("hosts"), "must list at least one host"));
     }
-
-    Ok(Config {
-        tls: TlsSettings {
-            ca_cert,
-            ca_key,
-            upstream_roots,
-            ca: Arc::new(ca),
-        },
-        capture: CaptureSettings {
-            ports,
-            listener_port,
-            max_connections,
-        },
-        inject,
+    let hosts = rule
+        .hosts
+        .iter()
+        .map(|h| HostPattern::parse(h))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|r| invalid(key("hosts"), r))?;
+    let header = parse_header(rule.header.as_deref().unwrap_or(DEFAULT_HEADER))
+        .map_err(|r| invalid(key("header"), r))?;
+    let format = TokenFormat::parse(rule.format.as_deref().unwrap_or(DEFAULT_FORMAT))
+        .map_err(|r| invalid(key("format"), r))?;
+    let upstream_tls_port = match rule.upstream_tls_port {
+        Some(0) => return Err(invalid(key("upstream_tls_port"), "must not be 0")),
+        p => p.unwrap_or(DEFAULT_UPSTREAM_TLS_PORT),
+    };
+    let plaintext = rule
+        .plaintext
+        .map(|p| parse_cidrs(&p.allow_cidrs))
+        .transpose()
+        .map_err(|r| invalid(key("plaintext.allow_cidrs"), r))?;
+    if rule.expect_audience.as_deref().is_some_and(str::is_empty) {
+        return Err(invalid(key("expect_audience"), "must not be empty"));
+    }
+    // An explicit audience wins; otherwise the source's own audience (if it has one).
+    let audience = rule
+        .expect_audience
+        .or_else(|| rule.source.audience().map(str::to_owned));
+    Ok(InjectRule {
+        hosts,
+        source: rule.source,
+        header,
+        format,
+        upstream_tls_port,
+        plaintext,
+        audience,
     })
 }
 

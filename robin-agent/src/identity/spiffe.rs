@@ -175,84 +175,118 @@ pub fn grpc_unframe<M: Message + Default>(mut body: Bytes) -> Result<M, String> 
     M::decode(body.slice(..len)).map_err(|e| format!("bad protobuf: {e}"))
 }
 
+/// The rule's `socket` (a `unix://` prefix allowed), else the agent-wide default.
+fn socket_path(cfg: &SpiffeConfig, ctx: &IdentityContext) -> Result<PathBuf, IdentityError> {
+    match &cfg.socket {
+        Some(s) => Ok(PathBuf::from(s.strip_prefix("unix://").unwrap_or(s))),
+        None => ctx.spiffe_socket.clone().ok_or_else(|| {
+            IdentityError::Config(format!(
+                "spiffe source needs `socket` or {}",
+                super::ENV_SPIFFE_SOCKET
+            ))
+        }),
+    }
+}
+
+/// `Some` selectors in delegated mode, `None` for a plain Workload API call; rejects the
+/// combinations that would hand a workload the wrong identity.
+fn request_selectors(
+    cfg: &SpiffeConfig,
+    pod: Option<&super::PodRef>,
+) -> Result<Option<Vec<proto::Selector>>, IdentityError> {
+    if cfg.delegated {
+        let raw = delegated_selectors(&cfg.selectors, pod)?;
+        let parsed = raw
+            .into_iter()
+            .map(parse_selector)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(parsed))
+    } else if !cfg.selectors.is_empty() {
+        Err(IdentityError::Config(
+            "spiffe selectors need delegated = true".into(),
+        ))
+    } else if let Some(pod) = pod {
+        // The Workload API attests the caller, i.e. Robin: every pod would get Robin's SVID.
+        Err(IdentityError::Config(format!(
+            "spiffe source for pod {}/{} must set delegated = true (the Workload API would \
+             attest the agent, not the pod)",
+            pod.namespace, pod.name
+        )))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The selectors (as `type:value` text) to fetch on a workload's behalf.
+fn delegated_selectors(
+    configured: &[String],
+    pod: Option<&super::PodRef>,
+) -> Result<Vec<String>, IdentityError> {
+    match (configured, pod) {
+        // What SPIRE's k8s workload attestor would say of the pod: entries registered by
+        // namespace and ServiceAccount, or by pod, match.
+        ([], Some(pod)) => Ok(pod_selectors(pod)),
+        ([], None) => Err(IdentityError::Config(
+            "delegated spiffe source needs selectors or a known pod".into(),
+        )),
+        // A rule set shared by many pods must not pick whose identity they get.
+        (_, Some(pod)) => Err(IdentityError::Config(format!(
+            "spiffe selectors cannot be set in node mode: pod {}/{} is described by \
+             its own (k8s:ns, k8s:sa, k8s:pod-uid, k8s:pod-name)",
+            pod.namespace, pod.name
+        ))),
+        (s, None) => Ok(s.to_vec()),
+    }
+}
+
+fn parse_selector(sel: String) -> Result<proto::Selector, IdentityError> {
+    let (t, v) = sel
+        .split_once(':')
+        .filter(|(t, v)| !t.is_empty() && !v.is_empty())
+        .ok_or_else(|| {
+            IdentityError::Config(format!(
+                "selector {:?} is not type:value",
+                sanitize(&sel, 64)
+            ))
+        })?;
+    Ok(proto::Selector {
+        r#type: t.to_owned(),
+        value: v.to_owned(),
+    })
+}
+
+/// Everything that changes the token asked for goes into the key, so rules never share a
+/// cached SVID they should not.
+fn cache_key(
+    cfg: &SpiffeConfig,
+    socket: &std::path::Path,
+    spiffe_id: &str,
+    selectors: Option<&[proto::Selector]>,
+) -> CacheKey {
+    let selector_key: Vec<String> = selectors
+        .iter()
+        .copied()
+        .flatten()
+        .map(|s| format!("{}:{}", s.r#type, s.value))
+        .collect();
+    CacheKey(format!(
+        "spiffe|{}|aud={}|id={spiffe_id}|delegated={}|sel={}",
+        socket.display(),
+        cfg.audience,
+        cfg.delegated,
+        selector_key.join(",")
+    ))
+}
+
 impl SpiffeSource {
     pub fn new(cfg: &SpiffeConfig, ctx: &IdentityContext) -> Result<Self, IdentityError> {
-        let socket = match &cfg.socket {
-            Some(s) => PathBuf::from(s.strip_prefix("unix://").unwrap_or(s)),
-            None => ctx.spiffe_socket.clone().ok_or_else(|| {
-                IdentityError::Config(format!(
-                    "spiffe source needs `socket` or {}",
-                    super::ENV_SPIFFE_SOCKET
-                ))
-            })?,
-        };
+        let socket = socket_path(cfg, ctx)?;
         if cfg.audience.is_empty() {
             return Err(IdentityError::Config("spiffe audience is empty".into()));
         }
         let spiffe_id = cfg.spiffe_id.clone().unwrap_or_default();
-        let selectors = if cfg.delegated {
-            let raw = match (&cfg.selectors[..], &ctx.pod) {
-                // What SPIRE's k8s workload attestor would say of the pod: entries registered by
-                // namespace and ServiceAccount, or by pod, match.
-                ([], Some(pod)) => pod_selectors(pod),
-                ([], None) => {
-                    return Err(IdentityError::Config(
-                        "delegated spiffe source needs selectors or a known pod".into(),
-                    ));
-                }
-                // A rule set shared by many pods must not pick whose identity they get.
-                (_, Some(pod)) => {
-                    return Err(IdentityError::Config(format!(
-                        "spiffe selectors cannot be set in node mode: pod {}/{} is described by \
-                         its own (k8s:ns, k8s:sa, k8s:pod-uid, k8s:pod-name)",
-                        pod.namespace, pod.name
-                    )));
-                }
-                (s, None) => s.to_vec(),
-            };
-            let mut out = Vec::new();
-            for sel in raw {
-                let (t, v) = sel
-                    .split_once(':')
-                    .filter(|(t, v)| !t.is_empty() && !v.is_empty())
-                    .ok_or_else(|| {
-                        IdentityError::Config(format!(
-                            "selector {:?} is not type:value",
-                            sanitize(&sel, 64)
-                        ))
-                    })?;
-                out.push(proto::Selector {
-                    r#type: t.to_owned(),
-                    value: v.to_owned(),
-                });
-            }
-            Some(out)
-        } else if !cfg.selectors.is_empty() {
-            return Err(IdentityError::Config(
-                "spiffe selectors need delegated = true".into(),
-            ));
-        } else if let Some(pod) = &ctx.pod {
-            // The Workload API attests the caller, i.e. Robin: every pod would get Robin's SVID.
-            return Err(IdentityError::Config(format!(
-                "spiffe source for pod {}/{} must set delegated = true (the Workload API would \
-                 attest the agent, not the pod)",
-                pod.namespace, pod.name
-            )));
-        } else {
-            None
-        };
-        let selector_key: Vec<String> = selectors
-            .iter()
-            .flatten()
-            .map(|s| format!("{}:{}", s.r#type, s.value))
-            .collect();
-        let key = CacheKey(format!(
-            "spiffe|{}|aud={}|id={spiffe_id}|delegated={}|sel={}",
-            socket.display(),
-            cfg.audience,
-            cfg.delegated,
-            selector_key.join(",")
-        ));
+        let selectors = request_selectors(cfg, ctx.pod.as_ref())?;
+        let key = cache_key(cfg, &socket, &spiffe_id, selectors.as_deref());
         Ok(Self {
             socket,
             audience: cfg.audience.clone(),

@@ -120,70 +120,12 @@ impl TokenRequestSource {
             .clone()
             .unwrap_or_else(|| sa_dir.join("token"));
         let pod = ctx.pod.clone();
-        let namespace = match (&cfg.namespace, &pod) {
-            (Some(ns), _) => ns.clone(),
-            (None, Some(p)) => p.namespace.clone(),
-            (None, None) => read_small(&sa_dir.join("namespace"))?,
-        };
-        let service_account = match (
-            &cfg.service_account,
-            pod.as_ref().and_then(|p| p.service_account.as_ref()),
-        ) {
-            (Some(sa), _) => sa.clone(),
-            (None, Some(sa)) => sa.clone(),
-            (None, None) => own_service_account(&token_file, &namespace)?,
-        };
-        if let Some(p) = &pod {
-            // The API server binds a token to a pod only for the pod's own namespace and
-            // ServiceAccount: fail here, once, rather than on every request.
-            let own_sa = p.service_account.as_deref().unwrap_or(&service_account);
-            if namespace != p.namespace || service_account != own_sa {
-                return Err(IdentityError::Config(format!(
-                    "token_request for {}/{}: namespace and service_account must be the pod's ({}/{})",
-                    sanitize(&namespace, 64),
-                    sanitize(&service_account, 64),
-                    sanitize(&p.namespace, 64),
-                    sanitize(own_sa, 64)
-                )));
-            }
-        }
-        for (what, v) in [
-            ("namespace", &namespace),
-            ("service_account", &service_account),
-        ] {
-            if !valid_name(v) {
-                return Err(IdentityError::Config(format!(
-                    "{what} {:?} is not a valid name",
-                    sanitize(v, 64)
-                )));
-            }
-        }
-        // The API server refuses shorter lifetimes; fail at startup rather than per request.
-        if !(600..=u32::MAX as u64).contains(&cfg.expiration_seconds) {
-            return Err(IdentityError::Config(
-                "token_request expiration_seconds must be at least 600".into(),
-            ));
-        }
-        if cfg.audience.is_empty() {
-            return Err(IdentityError::Config(
-                "token_request audience is empty".into(),
-            ));
-        }
-        let ca_file = cfg.ca_file.clone().unwrap_or_else(|| sa_dir.join("ca.crt"));
-        let client = HttpClient::new(Some(&ca_file), cfg.allow_insecure_http, ctx.http.clone())
-            .map_err(|source| IdentityError::Http {
-                origin: "token_request".into(),
-                source,
-            })?;
-        let base = cfg.api_server.trim_end_matches('/');
-        let url =
-            format!("{base}/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
-        client
-            .check_url(&url)
-            .map_err(|source| IdentityError::Http {
-                origin: "token_request".into(),
-                source,
-            })?;
+        let (namespace, service_account) = resolve_names(cfg, sa_dir, &token_file, pod.as_ref())?;
+        // Validation order is kept stable so the same misconfiguration reports the same error.
+        check_pod_binding(pod.as_ref(), &namespace, &service_account)?;
+        check_names(&namespace, &service_account)?;
+        check_request(cfg)?;
+        let (client, url) = api_client(cfg, ctx, &namespace, &service_account)?;
         let pod_uid = pod.as_ref().map(|p| p.uid.as_str()).unwrap_or("");
         let key = CacheKey(format!(
             "token_request|{url}|aud={}|exp={}|pod={pod_uid}",
@@ -294,6 +236,108 @@ impl IdentitySource for TokenRequestSource {
     fn cache_key(&self) -> Option<&CacheKey> {
         Some(&self.key)
     }
+}
+
+/// Namespace and ServiceAccount to ask for: config first, then the pod, then the agent's own
+/// mounted files (read only when needed, so a pod-bound agent does not require them).
+fn resolve_names(
+    cfg: &TokenRequestConfig,
+    sa_dir: &std::path::Path,
+    token_file: &std::path::Path,
+    pod: Option<&PodRef>,
+) -> Result<(String, String), IdentityError> {
+    let namespace = match (&cfg.namespace, pod) {
+        (Some(ns), _) => ns.clone(),
+        (None, Some(p)) => p.namespace.clone(),
+        (None, None) => read_small(&sa_dir.join("namespace"))?,
+    };
+    let service_account = match (
+        &cfg.service_account,
+        pod.and_then(|p| p.service_account.as_ref()),
+    ) {
+        (Some(sa), _) => sa.clone(),
+        (None, Some(sa)) => sa.clone(),
+        (None, None) => own_service_account(token_file, &namespace)?,
+    };
+    Ok((namespace, service_account))
+}
+
+/// The API server binds a token to a pod only for the pod's own namespace and ServiceAccount:
+/// fail here, once, rather than on every request.
+fn check_pod_binding(
+    pod: Option<&PodRef>,
+    namespace: &str,
+    service_account: &str,
+) -> Result<(), IdentityError> {
+    let Some(p) = pod else {
+        return Ok(());
+    };
+    let own_sa = p.service_account.as_deref().unwrap_or(service_account);
+    if namespace != p.namespace || service_account != own_sa {
+        return Err(IdentityError::Config(format!(
+            "token_request for {}/{}: namespace and service_account must be the pod's ({}/{})",
+            sanitize(namespace, 64),
+            sanitize(service_account, 64),
+            sanitize(&p.namespace, 64),
+            sanitize(own_sa, 64)
+        )));
+    }
+    Ok(())
+}
+
+/// Both names go into the URL path; reject anything that could alter it.
+fn check_names(namespace: &str, service_account: &str) -> Result<(), IdentityError> {
+    for (what, v) in [
+        ("namespace", namespace),
+        ("service_account", service_account),
+    ] {
+        if !valid_name(v) {
+            return Err(IdentityError::Config(format!(
+                "{what} {:?} is not a valid name",
+                sanitize(v, 64)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_request(cfg: &TokenRequestConfig) -> Result<(), IdentityError> {
+    // The API server refuses shorter lifetimes; fail at startup rather than per request.
+    if !(600..=u32::MAX as u64).contains(&cfg.expiration_seconds) {
+        return Err(IdentityError::Config(
+            "token_request expiration_seconds must be at least 600".into(),
+        ));
+    }
+    if cfg.audience.is_empty() {
+        return Err(IdentityError::Config(
+            "token_request audience is empty".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The hardened client and the token endpoint URL, checked against it up front.
+fn api_client(
+    cfg: &TokenRequestConfig,
+    ctx: &IdentityContext,
+    namespace: &str,
+    service_account: &str,
+) -> Result<(HttpClient, String), IdentityError> {
+    let http_err = |source| IdentityError::Http {
+        origin: "token_request".into(),
+        source,
+    };
+    let ca_file = cfg
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| ctx.service_account_dir.join("ca.crt"));
+    let client = HttpClient::new(Some(&ca_file), cfg.allow_insecure_http, ctx.http.clone())
+        .map_err(http_err)?;
+    let base = cfg.api_server.trim_end_matches('/');
+    let url =
+        format!("{base}/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
+    client.check_url(&url).map_err(http_err)?;
+    Ok((client, url))
 }
 
 fn read_small(path: &std::path::Path) -> Result<String, IdentityError> {
