@@ -32,9 +32,8 @@ mod programs {
         programs::{SockAddrContext, SockOpsContext},
     };
     use robin_common::{
-        AF_INET, AF_INET6, CaptureConfig, LOOPBACK6_LAST, MAX_CAPTURE_PORTS, MAX_CAPTURED_CGROUPS,
-        MAX_CGROUP_DEPTH, MAX_TRACKED_SOCKETS, OrigDst, PeerKey, REFUSAL_REASONS, RefusalReason,
-        SockRecord,
+        AF_INET, AF_INET6, CaptureConfig, LOOPBACK6_LAST, MAX_CAPTURED_CGROUPS, MAX_CGROUP_DEPTH,
+        MAX_TRACKED_SOCKETS, OrigDst, PeerKey, REFUSAL_REASONS, RefusalReason, SockRecord,
     };
 
     const SOCK_STREAM: u32 = 1;
