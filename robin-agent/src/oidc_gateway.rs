@@ -374,23 +374,12 @@ async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| Error::Bind(args.listen, e))?;
     let warm_up = gateway.spawn_warm_up();
-    gateway.serve(listener, shutdown_signal()?).await;
+    gateway
+        .serve(listener, crate::serve::shutdown_signal()?)
+        .await;
     warm_up.abort();
     tracing::info!("oidc gateway stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGTERM (the kubelet) or SIGINT (a terminal).
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
 
 #[cfg(test)]

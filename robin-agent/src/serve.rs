@@ -104,6 +104,21 @@ async fn answer(mut stream: tokio::net::TcpStream, answer: &'static [u8]) {
     let _ = stream.shutdown().await;
 }
 
+/// SIGTERM (the kubelet) or SIGINT (a terminal), for the modes that stop on either (webhook,
+/// OIDC gateway).
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,20 +220,13 @@ async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| WebhookError::Bind(args.listen, e))?;
-    serve(listener, tls, Arc::new(args.settings()), shutdown_signal()?).await;
+    serve(
+        listener,
+        tls,
+        Arc::new(args.settings()),
+        crate::serve::shutdown_signal()?,
+    )
+    .await;
     tracing::info!("webhook stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGTERM (the kubelet) or SIGINT (a terminal).
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
