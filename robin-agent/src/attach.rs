@@ -47,7 +47,7 @@ pub struct AttachArgs {
     #[arg(long)]
     pub release: bool,
     /// On SIGTERM/SIGINT, how long connections in flight may take to finish, e.g. `10s`.
-    #[arg(long, default_value = "10s", value_parser = crate::oidc_gateway::parse_duration)]
+    #[arg(long, env = crate::node::args::ENV_DRAIN_TIMEOUT, default_value = "10s", value_parser = crate::oidc_gateway::parse_duration)]
     pub drain_timeout: Duration,
 }
 
