@@ -19,7 +19,7 @@ use crate::{
 /// contending on its queue, each with its own stack and malloc arena.
 pub const MAX_BLOCKING_THREADS: usize = 8;
 
-/// The multi-threaded runtime of every capturing mode (`robin node` too).
+/// The multi-threaded runtime of `robin exec`, `robin attach`, `robin node` and `robin gateway`.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
