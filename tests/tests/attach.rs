@@ -11,7 +11,7 @@ use std::{
 };
 
 use robin_e2e::{
-    BpfPins, Cgroup, ChildGuard, Pki, TempDir, command_in, find_cgroup2_mount,
+    BpfPins, Cgroup, ChildGuard, Netns, Pki, TempDir, command_in, find_cgroup2_mount,
     node_fixture::{HOST, PodNet},
     require_privileges, robin_bin, temp_dir, unique_id,
 };
@@ -138,34 +138,9 @@ impl World {
         ]
     }
 
-    /// `robin attach` in the service's network namespace (`nsenter --net`, which keeps the
-    /// host's mounts, cgroup2 included), returned once it logs that it captures.
     fn start_robin(&self, tag: &str) -> Robin {
         let log = self.dir.path().join(format!("robin-{tag}.log"));
-        let stderr = fs::File::create(&log).expect("creating the robin log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.net.netns().path().display()))
-            .arg(robin_bin())
-            .args(self.attach_args())
-            .arg("--config")
-            .arg(&self.config)
-            .env("ROBIN_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting robin attach");
-        let mut robin = Robin {
-            child: ChildGuard(child),
-            log,
-        };
-        wait_for("robin attach to capture", || {
-            if let Some(status) = robin.child.0.try_wait().expect("polling robin") {
-                panic!("robin attach exited ({status}):\n{}", robin.log());
-            }
-            robin.log().contains("\"message\":\"capturing\"")
-        });
-        robin
+        start_robin(self.net.netns(), self.attach_args(), &self.config, log)
     }
 
     /// Triggers step `n` of the service and waits for its curl: (exit code, stdout, stderr).
@@ -195,6 +170,35 @@ impl World {
             .filter(|v| v["path"] == format!("/step{n}"))
             .collect()
     }
+}
+
+/// `robin attach ARGS --config CONFIG` in `netns` (`nsenter --net`, which keeps the host's
+/// mounts, cgroup2 included), returned once it logs that it captures.
+fn start_robin(netns: &Netns, args: Vec<String>, config: &Path, log: PathBuf) -> Robin {
+    let stderr = fs::File::create(&log).expect("creating the robin log");
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.path().display()))
+        .arg(robin_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("ROBIN_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("starting robin attach");
+    let mut robin = Robin {
+        child: ChildGuard(child),
+        log,
+    };
+    wait_for("robin attach to capture", || {
+        if let Some(status) = robin.child.0.try_wait().expect("polling robin") {
+            panic!("robin attach exited ({status}):\n{}", robin.log());
+        }
+        robin.log().contains("\"message\":\"capturing\"")
+    });
+    robin
 }
 
 fn read_u32(path: &Path) -> u32 {
@@ -366,4 +370,48 @@ fn refuses_what_it_cannot_capture_safely() {
     let stderr = String::from_utf8_lossy(&no_port.stderr);
     assert_eq!(no_port.status.code(), Some(70), "{stderr}");
     assert!(stderr.contains("fixed listener port"), "{stderr}");
+}
+
+/// A unit restarted while robin attach was down gets a new cgroup at the same path: the capture
+/// pinned for the old one (gone) is released, the new one captured; a live cgroup's is kept.
+#[test]
+fn a_recreated_cgroup_replaces_the_capture_pinned_for_the_old_one() {
+    require_privileges();
+    let dir = temp_dir("attach-recreated");
+    let pki = Pki::new(dir.path(), &[HOST]);
+    let config = write_config(dir.path(), &pki, Some(LISTENER_PORT));
+    let netns = Netns::new(format!("robin-{}-att", unique_id()));
+    let pins = BpfPins::new();
+    let parent = find_cgroup2_mount()
+        .expect("cgroup2 mount")
+        .join("robin-test");
+    fs::create_dir_all(&parent).expect("creating the robin-test cgroup parent");
+    let path = parent.join(format!("unit-{}.service", unique_id()));
+    let args = vec![
+        "attach".to_owned(),
+        "--cgroup".into(),
+        path.display().to_string(),
+        "--bpffs-pins".into(),
+        pins.path().display().to_string(),
+    ];
+
+    let mut old = Cgroup::create(&path).expect("creating the unit's cgroup");
+    let old_id = old.id().expect("cgroup id");
+    let mut first = start_robin(&netns, args.clone(), &config, dir.path().join("first.log"));
+    first.child.0.kill().expect("killing robin attach");
+    first.child.0.wait().expect("reaping robin attach");
+    assert_eq!(pins.attached_cgroups(), vec![old_id]);
+    old.remove().expect("removing the old cgroup");
+
+    let new = Cgroup::create(&path).expect("recreating the unit's cgroup");
+    let new_id = new.id().expect("cgroup id");
+    assert_ne!(new_id, old_id);
+    let second = start_robin(&netns, args, &config, dir.path().join("second.log"));
+    let logs = second.log();
+    assert!(logs.contains("\"adopted\":false"), "{logs}");
+    assert!(
+        logs.contains("releasing the capture of a cgroup that is gone"),
+        "{logs}"
+    );
+    assert_eq!(pins.attached_cgroups(), vec![new_id]);
 }
