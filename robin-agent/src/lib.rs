@@ -14,5 +14,6 @@ pub mod oidc_gateway;
 pub mod podfs;
 pub mod proxy;
 pub mod serve;
+pub mod sidecar;
 pub mod tls;
 pub mod webhook;

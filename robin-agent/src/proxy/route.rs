@@ -9,13 +9,17 @@
 //!   verified for the host; with `plaintext.allow_cidrs` it goes in cleartext to a dialled IP in
 //!   those prefixes and is refused (421) elsewhere. Any other host goes to the dialled address
 //!   unchanged, without a token.
-use std::sync::Arc;
+//! - Fixed (`robin proxy`): every request goes to the one configured upstream with its rule's
+//!   token, whatever host the workload named; the upstream is told its own authority.
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{
     HeaderMap, Uri, Version,
     header::HOST,
     uri::{Authority, Scheme},
 };
+
+use tokio::sync::watch;
 
 use super::{Rule, upstream::Target};
 use crate::{capture::OrigDst, config::normalize_host, tls::upstream::Alpn};
@@ -34,6 +38,21 @@ pub enum Routes {
         rules: Arc<[Arc<Rule>]>,
         orig: OrigDst,
     },
+    /// Every request to one configured upstream.
+    Fixed(Arc<FixedUpstream>),
+}
+
+/// The one upstream of `robin proxy`, and the rule whose token every request carries.
+#[derive(Debug)]
+pub struct FixedUpstream {
+    pub rule: Arc<Rule>,
+    pub scheme: Scheme,
+    /// Sent as the upstream request's Host (or `:authority`).
+    pub authority: Authority,
+    /// The name the upstream's certificate is verified for; `None` for plain `http`.
+    pub tls_name: Option<String>,
+    /// The upstream's current address; whoever resolves its name keeps it up to date.
+    pub dst: watch::Receiver<SocketAddr>,
 }
 
 /// Where one request goes, and with whose token.
@@ -96,7 +115,32 @@ impl Routes {
                 orig,
             } => tls_route(rule, name, *alpn, *orig, host.as_deref()),
             Self::Plain { rules, orig } => plain_route(rules, *orig, host.as_deref(), version),
+            Self::Fixed(fixed) => Ok(fixed_route(fixed, version)),
         }
+    }
+
+    /// Whether the workload's Host is replaced by the route's authority: with a fixed
+    /// upstream the workload addressed Robin (`127.0.0.1:4000`), not the upstream.
+    pub fn rewrites_host(&self) -> bool {
+        matches!(self, Self::Fixed(_))
+    }
+}
+
+fn fixed_route(fixed: &FixedUpstream, version: Version) -> Route {
+    let alpn = if version == Version::HTTP_2 && fixed.tls_name.is_some() {
+        Alpn::H2
+    } else {
+        Alpn::Http1
+    };
+    Route {
+        rule: Some(fixed.rule.clone()),
+        target: Target {
+            dst: OrigDst(*fixed.dst.borrow()),
+            tls_name: fixed.tls_name.clone(),
+            alpn,
+        },
+        scheme: fixed.scheme.clone(),
+        authority: fixed.authority.clone(),
     }
 }
 
