@@ -193,18 +193,13 @@ impl Served {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (proxy, upstream, stop) =
-            (self.proxy.clone(), self.upstream.clone(), self.stop.clone());
+        let (proxy, upstream) = (self.proxy.clone(), self.upstream.clone());
+        // Not cancelled on SIGTERM: the drain waits (bounded) for the connection to end, and
+        // a native sidecar is stopped only after the app, whose connections are closed by then.
         self.tasks.spawn(
             async move {
-                tokio::select! {
-                    res = proxy.serve_fixed(io, upstream) => {
-                        if let Err(e) = res {
-                            debug!(error = %e, "connection ended");
-                        }
-                    }
-                    // Requests in flight had the drain timeout to finish; idle ones just close.
-                    () = stop.cancelled() => {}
+                if let Err(e) = proxy.serve_fixed(io, upstream).await {
+                    debug!(error = %e, "connection ended");
                 }
             }
             .instrument(info_span!("conn", client)),

@@ -133,6 +133,15 @@ impl Robin {
         robin
     }
 
+    /// SIGTERM, then the exit status (bounded wait).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self._child.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        wait_for("robin proxy to exit on SIGTERM", || {
+            self._child.0.try_wait().unwrap()
+        })
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -386,7 +395,8 @@ fn unix_socket_serves_allowed_uids_and_closes_others() {
     let mut env = w.base_env();
     env.push(("ROBIN_LISTEN_UDS".into(), sock.display().to_string()));
     env.push(("ROBIN_PEERCRED_ALLOW_UIDS".into(), "0".into()));
-    let robin = Robin::start(w.dir.path(), &env, &[], free_port());
+    let mut robin = Robin::start(w.dir.path(), &env, &[], free_port());
+    let sock_path = sock.clone();
     let sock = sock.to_str().unwrap();
 
     let (status, body, _) = curl(&["--unix-socket", sock, "http://robin/u"]);
