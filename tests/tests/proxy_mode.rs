@@ -428,4 +428,6 @@ fn unix_socket_serves_allowed_uids_and_closes_others() {
         1,
         "only the allowed request went upstream"
     );
+    assert!(robin.terminate().success(), "{}", robin.log());
+    assert!(!sock_path.exists(), "the socket is removed on exit");
 }
