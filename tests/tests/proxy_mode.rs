@@ -234,6 +234,13 @@ fn token_is_injected_host_rewritten_bodies_streamed_and_rotation_seen() {
         "{partial}"
     );
 
+    // h2 with prior knowledge from the app; the upstream speaks HTTP/1.1 only.
+    let (status, body, _) = curl(&["--http2-prior-knowledge", &format!("{base}/h2")]);
+    assert_eq!(status, 200, "{body}\n{}", robin.log());
+    let echo = json(&body);
+    assert_eq!(echo["host"], format!("127.0.0.1:{}", w.upstream_port));
+    assert_eq!(echo["authorization"], serde_json::json!(["Bearer tok-A"]));
+
     w.write_token("tok-B");
     let (_, body, _) = curl(&[&format!("{base}/after")]);
     assert_eq!(
