@@ -26,7 +26,7 @@ use crate::{
     conns::{self, Admitted, Connections},
     identity::process_context,
     kube::{self, KubeArgs, PodSelector},
-    proxy::{Entry, Proxy, Resolve},
+    proxy::{Dialer, Entry, Limits, Proxy, Resolve},
     serve::{Served, shutdown_signal},
 };
 
@@ -142,6 +142,17 @@ async fn clients(
         let proxy = Proxy::new(&cfg).context("starting the proxy")?;
         return Ok(Clients::Own { proxy, allowed });
     }
+    // Sources that cannot be built (a missing CA file, say) fail here, not at a client's first
+    // request.
+    let probe = crate::identity::PodRef {
+        namespace: "probe".into(),
+        name: "probe".into(),
+        uid: "probe".into(),
+        service_account: Some(kube::DEFAULT_SERVICE_ACCOUNT.into()),
+    };
+    let identity = process_context().for_pod(probe);
+    Proxy::with_dialer_and_identity(&cfg, Limits::default(), Dialer::Host, &identity)
+        .context("building the rules for a client pod")?;
     let synced = readiness.register("pod_watch_synced");
     let client = kube::client(&args.kube)
         .await

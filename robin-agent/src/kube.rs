@@ -61,6 +61,10 @@ pub struct PodStatus {
     /// The pod's addresses (`status.podIPs`): how `robin gateway` tells its clients apart.
     #[serde(rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    /// The node's address: a pod that shares it (host network) shares it with every process
+    /// of the node, so it cannot be told apart by address.
+    #[serde(rename = "hostIP")]
+    pub host_ip: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -156,6 +160,7 @@ impl From<core::Pod> for Pod {
                     .into_iter()
                     .map(|p| PodIp { ip: p.ip })
                     .collect(),
+                host_ip: status.host_ip,
             },
         }
     }

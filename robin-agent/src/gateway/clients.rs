@@ -187,6 +187,12 @@ impl PodClients {
         if ips.is_empty() {
             return None;
         }
+        if let Some(host) = pod.status.host_ip.as_deref()
+            && ips.iter().any(|ip| ip.to_string() == host)
+        {
+            tracing::warn!(pod = %pod.key(), "host-network pod: its address is the node's, not served");
+            return None;
+        }
         if let Some(c) = known {
             return Some((ips, c.clone()));
         }
