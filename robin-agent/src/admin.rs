@@ -1,11 +1,14 @@
 //! The admin plane, on its own port, for whichever mode has one: `/healthz` (the process
 //! answers), `/readyz` (200 once every registered start-up task has marked itself ready; the
-//! body names each task with `ok` or `no`) and the paths the mode registers as
-//! [`AdminHandler`]s. It knows no mode: `robin node` registers `/metrics` and `/debug/pods`.
+//! body names each task with `ok` or `no`, and each live [`ReadyCheck`] with `ok` or its reason)
+//! and the paths the mode registers as [`AdminHandler`]s. It knows no mode: `robin node`
+//! registers `/metrics` and `/debug/pods`, `robin proxy` a check that a token resolves now.
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     fmt::Write as _,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,6 +26,12 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// What a mode serves on one admin path (GET only).
 pub trait AdminHandler: Send + Sync {
     fn get(&self) -> Response<Full<Bytes>>;
+}
+
+/// A condition `/readyz` evaluates on every request, unlike a start-up latch: ready may turn
+/// back into not ready. `Err` carries the reason shown in the body (never a secret).
+pub trait ReadyCheck: Send + Sync {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 /// Start-up tasks that must finish before the process is ready, in registration order.
@@ -73,6 +82,7 @@ impl ReadyLatch {
 #[derive(Default)]
 pub struct Admin {
     readiness: Readiness,
+    checks: Vec<(&'static str, Arc<dyn ReadyCheck>)>,
     handlers: BTreeMap<&'static str, Arc<dyn AdminHandler>>,
 }
 
@@ -80,8 +90,14 @@ impl Admin {
     pub fn new(readiness: Readiness) -> Self {
         Self {
             readiness,
+            checks: Vec::new(),
             handlers: BTreeMap::new(),
         }
+    }
+
+    /// Adds a live condition to `/readyz`, after the start-up tasks.
+    pub fn add_check(&mut self, name: &'static str, check: Arc<dyn ReadyCheck>) {
+        self.checks.push((name, check));
     }
 
     pub fn register(&mut self, path: &'static str, handler: Arc<dyn AdminHandler>) {
@@ -105,7 +121,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(&req)) }
+                    async move { Ok::<_, Infallible>(admin.route(&req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -116,7 +132,7 @@ impl Admin {
         }
     }
 
-    pub fn route<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+    pub async fn route<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -126,19 +142,34 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => {
-                let status = if self.readiness.is_ready() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                text(status, "text/plain", self.readiness.report())
-            }
+            "/readyz" => self.readyz().await,
             path => match self.handlers.get(path) {
                 Some(h) => h.get(),
                 None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
             },
         }
+    }
+}
+
+impl Admin {
+    async fn readyz(&self) -> Response<Full<Bytes>> {
+        let mut ready = self.readiness.is_ready();
+        let mut body = self.readiness.report();
+        for (name, check) in &self.checks {
+            match check.check().await {
+                Ok(()) => _ = writeln!(body, "{name}: ok"),
+                Err(reason) => {
+                    ready = false;
+                    _ = writeln!(body, "{name}: no ({reason})");
+                }
+            }
+        }
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        text(status, "text/plain", body)
     }
 }
 
@@ -165,7 +196,7 @@ mod tests {
 
     async fn get(admin: &Admin, path: &str) -> (StatusCode, String) {
         let req = Request::get(path).body(()).unwrap();
-        let resp = admin.route(&req);
+        let resp = admin.route(&req).await;
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8(body.to_vec()).unwrap())
@@ -195,5 +226,38 @@ mod tests {
         );
         assert_eq!(get(&admin, "/nope").await.0, StatusCode::NOT_FOUND);
         assert_eq!(get(&admin, "/healthz").await.0, StatusCode::OK);
+    }
+
+    struct Flag(Arc<Mutex<Option<String>>>);
+
+    impl ReadyCheck for Flag {
+        fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+            let failing = self.0.lock().unwrap().clone();
+            Box::pin(async move { failing.map_or(Ok(()), Err) })
+        }
+    }
+
+    #[tokio::test]
+    async fn live_checks_turn_readyz_both_ways_with_their_reason() {
+        let failing = Arc::new(Mutex::new(Some("no token".to_owned())));
+        let mut admin = Admin::new(Readiness::default());
+        admin.add_check("identity", Arc::new(Flag(failing.clone())));
+        assert_eq!(
+            get(&admin, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "identity: no (no token)\n".into()
+            )
+        );
+        *failing.lock().unwrap() = None;
+        assert_eq!(
+            get(&admin, "/readyz").await,
+            (StatusCode::OK, "identity: ok\n".into())
+        );
+        *failing.lock().unwrap() = Some("gone".into());
+        assert_eq!(
+            get(&admin, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod oidc_gateway;
 pub mod podfs;
 pub mod proxy;
 pub mod serve;
+pub mod sidecar;
 pub mod standalone;
 pub mod tls;
 pub mod webhook;

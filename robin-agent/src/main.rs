@@ -43,6 +43,9 @@ enum Command {
     Node(Box<robin_agent::node::NodeArgs>),
     /// For a pod's init container: return once robin node has captured this pod.
     Await(robin_agent::node::wait::AwaitArgs),
+    /// Sidecar mode, drop-in for the original Robin: a loopback reverse proxy that sends every
+    /// request to ROBIN_UPSTREAM_URL with the workload's token.
+    Proxy(robin_agent::sidecar::env::ProxyArgs),
     /// Mutating admission webhook: give pods annotated robin.dev/inject their token volume,
     /// trust bundle and `robin await` init container.
     Webhook(robin_agent::webhook::WebhookArgs),
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Gateway(args) => robin_agent::gateway::main(*args),
         Command::Await(args) => robin_agent::node::wait::main(args),
         Command::Webhook(args) => robin_agent::webhook::main(args),
+        Command::Proxy(args) => robin_agent::sidecar::main(args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 //! original destination over verified TLS), serve plain HTTP request by request (see
 //! [`route`]), or splice bytes through untouched.
 use std::{
+    path::Path,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -44,6 +45,7 @@ mod upstream;
 
 pub use respond::refusal_status;
 use rewind::{ByteCounts, Rewind};
+pub use route::FixedUpstream;
 use route::Routes;
 pub use route::{Refusal, Resolve};
 use sniff::Sniffed;
@@ -196,10 +198,23 @@ pub struct RuleStats {
     pub audience_mismatches: AtomicU64,
 }
 
-struct Inner {
-    rules: Arc<[Arc<Rule>]>,
+/// What TLS interception needs: leaves minted by the configured CA. A proxy that only
+/// forwards plain HTTP (`robin proxy`) has none and needs no CA.
+struct Minting {
     leaves: Arc<LeafCache>,
     server_tls: Arc<ServerConfig>,
+}
+
+/// A proxy that mints nothing reports no leaves.
+static NO_LEAVES: LeafStats = LeafStats {
+    hits: AtomicU64::new(0),
+    mints: AtomicU64::new(0),
+    mint_errors: AtomicU64::new(0),
+};
+
+struct Inner {
+    rules: Arc<[Arc<Rule>]>,
+    mint: Option<Minting>,
     upstream: Arc<Pool>,
     limits: Limits,
     stats: Arc<ProxyStats>,
@@ -311,26 +326,50 @@ impl Proxy {
         dialer: Dialer,
         identity: &IdentityContext,
     ) -> Result<Self, ProxyError> {
-        let rules = cfg
-            .inject
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                Ok(Arc::new(Rule {
-                    cfg: r.clone(),
-                    source: build_source_with(&r.source, identity)
-                        .map_err(|e| ProxyError::Source(i, e))?,
-                    label: r.label(),
-                    stats: RuleStats::default(),
-                }))
-            })
-            .collect::<Result<Arc<[_]>, ProxyError>>()?;
+        let rules = build_rules(&cfg.inject, identity)?;
         let leaves = Arc::new(LeafCache::new(
             cfg.tls.ca.clone(),
             mint::DEFAULT_CACHE_CAPACITY,
         ));
         let server_tls = mint::server_config(leaves.clone())?;
+        let mint = Minting { leaves, server_tls };
         let upstream_tls = UpstreamTls::new(cfg.tls.upstream_roots.as_deref())?;
+        Ok(Self::assemble(
+            rules,
+            Some(mint),
+            upstream_tls,
+            limits,
+            dialer,
+        ))
+    }
+
+    /// A proxy that terminates no TLS and so mints nothing (no CA): it serves plain-HTTP
+    /// streams handed to [`Proxy::serve_fixed`] (`robin proxy`), with `rules` built in
+    /// `identity` and upstreams verified against the system roots plus `upstream_roots`.
+    pub fn forwarding(
+        rules: &[InjectRule],
+        upstream_roots: Option<&Path>,
+        limits: Limits,
+        identity: &IdentityContext,
+    ) -> Result<Self, ProxyError> {
+        let rules = build_rules(rules, identity)?;
+        let upstream_tls = UpstreamTls::new(upstream_roots)?;
+        Ok(Self::assemble(
+            rules,
+            None,
+            upstream_tls,
+            limits,
+            Dialer::Host,
+        ))
+    }
+
+    fn assemble(
+        rules: Arc<[Arc<Rule>]>,
+        mint: Option<Minting>,
+        upstream_tls: UpstreamTls,
+        limits: Limits,
+        dialer: Dialer,
+    ) -> Self {
         let stats = Arc::new(ProxyStats::default());
         let upstream = Pool::new(
             PoolLimits {
@@ -343,18 +382,17 @@ impl Proxy {
             dialer.clone(),
             stats.clone(),
         );
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 rules,
-                leaves,
-                server_tls,
+                mint,
                 upstream,
                 limits,
                 stats,
                 next_id: AtomicU64::new(1),
                 dialer,
             }),
-        })
+        }
     }
 
     pub fn stats(&self) -> &ProxyStats {
@@ -362,7 +400,10 @@ impl Proxy {
     }
 
     pub fn leaf_stats(&self) -> &LeafStats {
-        &self.inner.leaves.stats
+        self.inner
+            .mint
+            .as_ref()
+            .map_or(&NO_LEAVES, |m| &m.leaves.stats)
     }
 
     /// The proxy's rules, in config order (for per-rule metrics).
@@ -415,6 +456,35 @@ impl Proxy {
             () = self.serve_inner(stream, entry, conn.activity(), span) => {}
             () = conn.shed() => debug!(%client, dst = %orig, "idle connection shed at the connection cap"),
         }
+    }
+
+    /// Serves one accepted plain-HTTP stream (TCP or Unix) whose every request goes to
+    /// `upstream` with its rule's token (`robin proxy`): the per-request path of an
+    /// intercepted connection (fresh token, hop-by-hop headers, pooled verified upstream,
+    /// Robin's own 502/503), routed by [`Routes::Fixed`]. Runs in the caller's span.
+    pub async fn serve_fixed<IO>(&self, io: IO, upstream: Arc<FixedUpstream>) -> Result<(), String>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let stats = &self.inner.stats;
+        stats.conn_intercepted.fetch_add(1, Ordering::Relaxed);
+        let ctx = Arc::new(intercept::ConnCtx {
+            routes: Routes::Fixed(upstream),
+            pool: self.inner.upstream.clone(),
+            stats: stats.clone(),
+        });
+        // hyper runs each h2 stream on its own task: carry the connection span explicitly.
+        let span = Span::current();
+        let svc =
+            service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
+        let res = server_builder(&self.inner.limits)
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .await
+            .map_err(|e| format!("serving http: {e}"));
+        if res.is_err() {
+            stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        res
     }
 
     async fn serve_tracked(
@@ -637,7 +707,10 @@ impl Proxy {
         conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
         let timeout = self.inner.limits.tls_handshake_timeout;
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.server_tls.clone());
+        let Some(mint) = &self.inner.mint else {
+            return Err("no CA to intercept tls with".to_owned());
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(mint.server_tls.clone());
         let stream = tokio::time::timeout(timeout, acceptor.accept(io))
             .await
             .map_err(|_| "tls handshake with workload timed out".to_owned())?
@@ -686,6 +759,26 @@ impl Proxy {
         });
         builder.serve_connection_with_upgrades(io, svc).await
     }
+}
+
+/// The rules with their sources built in `identity`.
+fn build_rules(
+    rules: &[InjectRule],
+    identity: &IdentityContext,
+) -> Result<Arc<[Arc<Rule>]>, ProxyError> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Ok(Arc::new(Rule {
+                cfg: r.clone(),
+                source: build_source_with(&r.source, identity)
+                    .map_err(|e| ProxyError::Source(i, e))?,
+                label: r.label(),
+                stats: RuleStats::default(),
+            }))
+        })
+        .collect()
 }
 
 /// The workload-facing HTTP server: header timeout and size caps for HTTP/1, explicit limits

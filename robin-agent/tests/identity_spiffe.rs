@@ -315,3 +315,36 @@ async fn delegated_mode_fetches_for_the_pod_by_selector() {
     assert!(build_source_with(&cfg, &ctx).is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `robin proxy` with `ROBIN_TOKEN_SOURCE=jwtsvid`: its settings map to a `spiffe` source that
+/// asks the socket they name for `ROBIN_AUDIENCE`, and the SVID passes the rule's audience
+/// check (what the proxy does before injecting).
+#[tokio::test]
+async fn sidecar_jwtsvid_settings_fetch_the_audience_from_their_socket() {
+    use robin_agent::sidecar::{env, inject_rule};
+    let (ctx, dir, seen, _) = setup("sidecar", 0);
+    let socket = format!("unix://{}", dir.join("agent.sock").display());
+    let vars: std::collections::BTreeMap<String, String> = [
+        (env::ENV_UPSTREAM_URL, "https://api.example.com"),
+        (env::ENV_TOKEN_SOURCE, "jwtsvid"),
+        (env::ENV_AUDIENCE, "https://api.example.com"),
+        (env::ENV_SPIFFE_SOCKET, socket.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let rule = inject_rule(&env::Settings::from_lookup(&vars, 0).unwrap());
+    // No agent-wide default socket: the settings' socket is the one used.
+    let ctx = IdentityContext {
+        spiffe_socket: None,
+        ..ctx
+    };
+    let src = build_source_with(&rule.source, &ctx).unwrap();
+    let token = src.token().await.unwrap();
+    robin_agent::identity::check_audience(&token, rule.audience.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        seen.lock().unwrap().requests[0].audience,
+        vec!["https://api.example.com".to_owned()]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -108,6 +108,10 @@ async fn forward(
     // remove the injected value.
     let upgrade = req.version() < Version::HTTP_2 && wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    if ctx.routes.rewrites_host() {
+        // `fit_to` then sets the upstream's authority.
+        req.headers_mut().remove(HOST);
+    }
     if let Some(rule) = &route.rule {
         let value = credential(ctx, rule).await?;
         set_credential(req.headers_mut(), &rule.cfg.header, value);

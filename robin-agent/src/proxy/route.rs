@@ -11,6 +11,8 @@
 //!   unchanged, without a token.
 //! - A forward proxy's request (`robin gateway`, absolute-form `http://host/...`): as plain
 //!   HTTP, with the "dialled address" being what the gateway resolved the target's host to.
+//! - Fixed (`robin proxy`): every request goes to the one configured upstream with its rule's
+//!   token, whatever host the workload named; the upstream is told its own authority.
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use http::{
@@ -18,6 +20,8 @@ use http::{
     header::HOST,
     uri::{Authority, Scheme},
 };
+
+use tokio::sync::watch;
 
 use super::{Rule, upstream::Target};
 use crate::{capture::OrigDst, config::normalize_host, tls::upstream::Alpn};
@@ -42,6 +46,21 @@ pub enum Routes {
         rules: Arc<[Arc<Rule>]>,
         resolver: Arc<dyn Resolve>,
     },
+    /// Every request to one configured upstream.
+    Fixed(Arc<FixedUpstream>),
+}
+
+/// The one upstream of `robin proxy`, and the rule whose token every request carries.
+#[derive(Debug)]
+pub struct FixedUpstream {
+    pub rule: Arc<Rule>,
+    pub scheme: Scheme,
+    /// Sent as the upstream request's Host (or `:authority`).
+    pub authority: Authority,
+    /// The name the upstream's certificate is verified for; `None` for plain `http`.
+    pub tls_name: Option<String>,
+    /// The upstream's current address; whoever resolves its name keeps it up to date.
+    pub dst: watch::Receiver<SocketAddr>,
 }
 
 /// Turns a request target's host and port into the address a forward proxy connects to, or
@@ -127,7 +146,32 @@ impl Routes {
                 let orig = forward_target(uri, resolver.as_ref()).await?;
                 plain_route(rules, orig, host.as_deref(), version)
             }
+            Self::Fixed(fixed) => Ok(fixed_route(fixed, version)),
         }
+    }
+
+    /// Whether the workload's Host is replaced by the route's authority: with a fixed
+    /// upstream the workload addressed Robin (`127.0.0.1:4000`), not the upstream.
+    pub fn rewrites_host(&self) -> bool {
+        matches!(self, Self::Fixed(_))
+    }
+}
+
+fn fixed_route(fixed: &FixedUpstream, version: Version) -> Route {
+    let alpn = if version == Version::HTTP_2 && fixed.tls_name.is_some() {
+        Alpn::H2
+    } else {
+        Alpn::Http1
+    };
+    Route {
+        rule: Some(fixed.rule.clone()),
+        target: Target {
+            dst: OrigDst(*fixed.dst.borrow()),
+            tls_name: fixed.tls_name.clone(),
+            alpn,
+        },
+        scheme: fixed.scheme.clone(),
+        authority: fixed.authority.clone(),
     }
 }
 
