@@ -1,7 +1,8 @@
 //! The admin plane, on its own port, for whichever mode has one: `/healthz` (the process
 //! answers), `/readyz` (200 once every registered start-up task has marked itself ready; the
 //! body names each task with `ok` or `no`) and the paths the mode registers as
-//! [`AdminHandler`]s. It knows no mode: `robin node` registers `/metrics` and `/debug/pods`.
+//! [`AdminHandler`]s. It knows no mode: `robin node` registers `/metrics` (its metrics registry,
+//! [`crate::metrics::Scrape`]) and `/debug/pods`.
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -16,9 +17,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-
-/// The Prometheus text exposition format.
-pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What a mode serves on one admin path (GET only).
 pub trait AdminHandler: Send + Sync {
