@@ -215,19 +215,19 @@ impl Collector for Connections {
         encode_one(
             &mut encoder,
             "robin_connections_open",
-            "Client connections open now",
+            "Client connections open now.",
             &ConstGauge::new(self.open()),
         )?;
         encode_one(
             &mut encoder,
             "robin_connections_max",
-            "The connection cap (max_connections)",
+            "The connection cap (max_connections).",
             &ConstGauge::new(self.cap()),
         )?;
         encode_one(
             &mut encoder,
             "robin_connections_shed",
-            "Client connections closed at the connection cap (newest idle first)",
+            "Client connections closed at the connection cap (newest idle first).",
             &ConstCounter::new(self.shed_total()),
         )
     }

@@ -52,7 +52,8 @@ impl AdminHandler for Scrape {
 }
 
 /// Writes one family of a [`prometheus_client::collector::Collector`]: `metric` (a
-/// `ConstGauge`, `ConstCounter`...) under `name`.
+/// `ConstGauge`, `ConstCounter`...) under `name`. Unlike `Registry::register`, the encoder
+/// writes `help` as given: end it with a full stop.
 pub fn encode_one(
     encoder: &mut DescriptorEncoder,
     name: &str,

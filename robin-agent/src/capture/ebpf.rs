@@ -335,7 +335,7 @@ impl Collector for RefusedConnects {
         crate::metrics::encode_family(
             &mut encoder,
             "robin_capture_refused",
-            "Captured connects refused in the kernel (never let through uncaptured), by reason",
+            "Captured connects refused in the kernel (never let through uncaptured), by reason.",
             samples,
         )
     }

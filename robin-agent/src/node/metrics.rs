@@ -39,7 +39,7 @@ impl Collector for NodeCollector {
         encode_one(
             &mut encoder,
             "robin_ready",
-            "1 when programs are loaded, the pod watch synced and the CA loaded",
+            "1 when programs are loaded, the pod watch synced and the CA loaded.",
             &ConstGauge::new(i64::from(self.readiness.is_ready())),
         )?;
         let by_state: Vec<_> = {
@@ -55,7 +55,7 @@ impl Collector for NodeCollector {
         encode_family(
             &mut encoder,
             "robin_pods",
-            "Opted-in pods on this node by state (the states of /debug/pods)",
+            "Opted-in pods on this node by state (the states of /debug/pods).",
             by_state,
         )
     }
@@ -192,5 +192,39 @@ mod tests {
         ] {
             assert!(m.contains(line), "{line} not in\n{m}");
         }
+    }
+
+    /// What Prometheus gets: the OpenMetrics content type, every sample under a family
+    /// announced by HELP (one sentence) and TYPE, `# EOF` last.
+    #[tokio::test]
+    async fn scrape_is_well_formed_openmetrics() {
+        use crate::admin::AdminHandler as _;
+        use http_body_util::BodyExt as _;
+        let (mut registry, shared) = node_registry(Readiness::default());
+        registry.register_collector(Box::new(crate::conns::Connections::new(4)));
+        shared.proxy_stats.rule("a").requests.count(StatusCode::OK);
+        let resp = crate::metrics::Scrape(registry).get();
+        assert_eq!(
+            resp.headers()[http::header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        let mut families = Vec::new();
+        for line in text.lines() {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                assert!(help.ends_with('.') && !help.ends_with(".."), "{line}");
+                families.push(help.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(families.iter().any(|f| f == family), "{line} in\n{text}");
+            }
+        }
+        assert!(families.len() >= 17, "{text}");
     }
 }
