@@ -21,6 +21,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
             "path": self.path,
             "host": self.headers.get("Host"),
             "authorization": self.headers.get_all("Authorization") or [],
+            "proxy_authorization": self.headers.get_all("Proxy-Authorization") or [],
             "tls": isinstance(self.connection, ssl.SSLSocket),
             "port": self.server.server_address[1],
         }

@@ -31,6 +31,9 @@ enum Command {
     /// Serve the cluster's OIDC discovery document and JWKS to external brokers, fetched with
     /// this pod's ServiceAccount token (no anonymous auth needed).
     OidcGateway(robin_agent::oidc_gateway::GatewayArgs),
+    /// HTTP forward proxy (CONNECT and absolute-form) for where eBPF capture cannot go: clients
+    /// set HTTPS_PROXY; the gateway's own identity, or each client pod's by source address.
+    Gateway(Box<robin_agent::gateway::GatewayArgs>),
     /// DaemonSet mode: capture and serve the annotated pods of this node.
     // Boxed: its flags make it several times larger than the other variants.
     Node(Box<robin_agent::node::NodeArgs>),
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => robin_agent::exec::main(args),
         Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
         Command::Node(args) => robin_agent::node::main(*args),
+        Command::Gateway(args) => robin_agent::gateway::main(*args),
         Command::Await(args) => robin_agent::node::wait::main(args),
         Command::Webhook(args) => robin_agent::webhook::main(args),
     };

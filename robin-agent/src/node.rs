@@ -29,7 +29,6 @@ mod accept;
 pub mod annotations;
 pub mod args;
 pub mod config;
-pub mod kube;
 pub mod metrics;
 pub mod podcgroup;
 pub mod pods;
@@ -106,7 +105,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         None => capture::find_cgroup2_mount().context("finding the cgroup2 mount")?,
     };
     tracing::info!(cgroup_root = %cgroup_root.display(), "pod cgroups");
-    let client = kube::client(&args)
+    let client = crate::kube::client(&args.kube)
         .await
         .context("configuring the Kubernetes client")?;
 
@@ -121,9 +120,9 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     tokio::spawn(plane.serve(admin));
 
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(kube::run_pod_watch(
+    tokio::spawn(crate::kube::run_pod_watch(
         client,
-        args.node_name.clone(),
+        crate::kube::PodSelector::OnNode(args.node_name.clone()),
         tx,
         // Readiness is latched by the reconciler once it has applied the first list.
         Arc::default(),

@@ -42,8 +42,10 @@ mod splice;
 mod upstream;
 
 pub use metrics::{ProxyStats, RuleStats};
+pub use respond::refusal_status;
 use rewind::{ByteCounts, Rewind};
 use route::Routes;
+pub use route::{Refusal, Resolve};
 use sniff::Sniffed;
 pub use upstream::Dialer;
 use upstream::{Pool, PoolLimits};
@@ -191,6 +193,30 @@ enum Mode {
     Splice,
 }
 
+/// How a connection reached the proxy.
+pub enum Entry {
+    /// Captured, or tunnelled by a gateway's CONNECT: sniffed, then intercepted or spliced.
+    /// `initial`: bytes already read from it.
+    Sniff { initial: Vec<u8> },
+    /// A forward proxy's connection (`robin gateway`): absolute-form requests, each routed on
+    /// its own target, resolved by `resolver`. `initial`: the bytes of its first request the
+    /// gateway already read.
+    Forward {
+        initial: Vec<u8>,
+        resolver: Arc<dyn Resolve>,
+    },
+}
+
+/// How the requests of an intercepted connection are routed.
+enum Front {
+    /// TLS terminated for this rule.
+    Tls(Arc<Rule>),
+    /// Plain HTTP to the captured destination.
+    Plain,
+    /// Plain HTTP to a forward proxy: each request names its own target.
+    Forward(Arc<dyn Resolve>),
+}
+
 /// What a connection's closing log line says about it.
 struct Seen {
     start: Instant,
@@ -319,8 +345,26 @@ impl Proxy {
         client: ClientAddr,
         conn: Admitted,
     ) {
+        let entry = Entry::Sniff {
+            initial: Vec::new(),
+        };
+        self.serve_entry(stream, entry, orig, client, conn).await
+    }
+
+    /// As [`Proxy::serve_admitted`], for a connection that reached the proxy through `entry`
+    /// (`robin gateway`: a CONNECT tunnel to `orig`, or a forward-proxy connection, for which
+    /// `orig` is the gateway's own address and only names the connection in logs).
+    pub async fn serve_entry(
+        &self,
+        stream: TcpStream,
+        entry: Entry,
+        orig: OrigDst,
+        client: ClientAddr,
+        conn: Admitted,
+    ) {
+        let span = self.conn_span(orig, client);
         tokio::select! {
-            () = self.serve_tracked(stream, orig, client, conn.activity()) => {}
+            () = self.serve_inner(stream, entry, conn.activity(), span) => {}
             () = conn.shed() => debug!(%client, dst = %orig, "idle connection shed at the connection cap"),
         }
     }
@@ -332,36 +376,63 @@ impl Proxy {
         client: ClientAddr,
         activity: Activity,
     ) {
-        let span = ConnSpan {
+        let entry = Entry::Sniff {
+            initial: Vec::new(),
+        };
+        let span = self.conn_span(orig, client);
+        self.serve_inner(stream, entry, activity, span).await
+    }
+
+    fn conn_span(&self, orig: OrigDst, client: ClientAddr) -> Arc<ConnSpan> {
+        Arc::new(ConnSpan {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             client,
             orig,
             span: OnceLock::new(),
-        };
-        self.serve_inner(stream, orig, client, activity, Arc::new(span))
-            .await
+        })
     }
 
     async fn serve_inner(
         &self,
         mut stream: TcpStream,
-        orig: OrigDst,
-        client: ClientAddr,
+        entry: Entry,
         activity: Activity,
         conn_span: Arc<ConnSpan>,
     ) {
+        let (orig, client) = (conn_span.orig, conn_span.client);
         let start = Instant::now();
         let limits = &self.inner.limits;
         let _ = stream.set_nodelay(true);
-        let (prefix, sniffed) =
-            match sniff::read_prefix(&mut stream, limits.sniff_bytes, limits.sniff_timeout).await {
-                Ok(p) => p,
-                Err(e) => {
-                    debug!(%client, dst = %orig, error = %e, "reading first bytes failed");
-                    self.inner.stats.conn_failed.inc();
-                    return;
-                }
-            };
+        let initial = match entry {
+            Entry::Sniff { initial } => initial,
+            Entry::Forward { initial, resolver } => {
+                let seen = Seen {
+                    start,
+                    client,
+                    orig,
+                    tls: false,
+                    name: "-".into(),
+                };
+                let front = Front::Forward(resolver);
+                return self
+                    .serve_intercepted(stream, initial, front, seen, activity, &conn_span)
+                    .await;
+            }
+        };
+        let read = sniff::read_prefix_after(
+            initial,
+            &mut stream,
+            limits.sniff_bytes,
+            limits.sniff_timeout,
+        );
+        let (prefix, sniffed) = match read.await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(%client, dst = %orig, error = %e, "reading first bytes failed");
+                self.inner.stats.conn_failed.inc();
+                return;
+            }
+        };
         let (name, tls) = match &sniffed {
             Sniffed::Tls { sni } => (sni.clone(), true),
             Sniffed::Http { host } => (host.clone(), false),
@@ -381,7 +452,8 @@ impl Proxy {
             }
             Mode::Intercept(rule, name) => {
                 let seen = Seen { name, ..seen };
-                self.serve_intercepted(stream, prefix, rule, seen, activity, &conn_span)
+                let front = rule.map_or(Front::Plain, Front::Tls);
+                self.serve_intercepted(stream, prefix, front, seen, activity, &conn_span)
                     .await;
             }
         }
@@ -435,7 +507,7 @@ impl Proxy {
         &self,
         stream: TcpStream,
         prefix: Vec<u8>,
-        rule: Option<Arc<Rule>>,
+        front: Front,
         seen: Seen,
         activity: Activity,
         conn_span: &Arc<ConnSpan>,
@@ -448,11 +520,12 @@ impl Proxy {
         // without a second descriptor held for the connection's life.
         let (socket, handback) = linger::Handback::new(stream);
         let io = Rewind::new(prefix, socket, counts.clone());
-        let label = rule
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), |r| r.label.clone());
+        let label = match &front {
+            Front::Tls(rule) => rule.label.clone(),
+            Front::Plain | Front::Forward(_) => "-".to_owned(),
+        };
         let res = self
-            .intercept(io, rule, seen.name.clone(), activity, conn_span)
+            .intercept(io, front, seen.name.clone(), activity, conn_span)
             .await;
         // Only an error close needs it (a 431 or 400 with the client still sending);
         // after an upgrade the tunnel still owns the socket and nothing is handed back.
@@ -480,44 +553,44 @@ impl Proxy {
     async fn intercept(
         &self,
         io: Rewind<linger::Handback>,
-        rule: Option<Arc<Rule>>,
+        front: Front,
         name: String,
         activity: Activity,
         conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
-        let orig = conn_span.orig;
-        let limits = &self.inner.limits;
-        let builder = server_builder(limits);
-
-        let ctx = |routes| {
-            Arc::new(intercept::ConnCtx {
-                routes,
-                pool: self.inner.upstream.clone(),
-                stats: self.inner.stats.clone(),
-            })
+        let builder = server_builder(&self.inner.limits);
+        let rules = self.inner.rules.clone();
+        let routes = match front {
+            Front::Tls(rule) => {
+                return self
+                    .serve_tls(io, builder, rule, name, activity, conn_span)
+                    .await;
+            }
+            Front::Plain => Routes::Plain {
+                rules,
+                orig: conn_span.orig,
+            },
+            Front::Forward(resolver) => Routes::Forward { rules, resolver },
         };
+        // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
+        self.serve_http(builder, TokioIo::new(io), routes, activity, conn_span)
+            .await
+            .map_err(|e| format!("serving http: {e}"))
+    }
 
-        let Some(rule) = rule else {
-            let ctx = ctx(Routes::Plain {
-                rules: self.inner.rules.clone(),
-                orig,
-            });
-            let conn_span = conn_span.clone();
-            let svc = service_fn(move |req| {
-                busy::tracked(
-                    activity.busy(),
-                    intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
-                )
-            });
-            // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
-            return builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
-                .await
-                .map_err(|e| format!("serving http: {e}"));
-        };
-
+    /// TLS terminated with a leaf for `name`, then HTTP/1.1 or h2 as the workload's ALPN says.
+    async fn serve_tls(
+        &self,
+        io: Rewind<linger::Handback>,
+        builder: auto::Builder<TokioExecutor>,
+        rule: Arc<Rule>,
+        name: String,
+        activity: Activity,
+        conn_span: &Arc<ConnSpan>,
+    ) -> Result<(), String> {
+        let timeout = self.inner.limits.tls_handshake_timeout;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.server_tls.clone());
-        let stream = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
+        let stream = tokio::time::timeout(timeout, acceptor.accept(io))
             .await
             .map_err(|_| "tls handshake with workload timed out".to_owned())?
             .map_err(|e| format!("tls handshake with workload: {e}"))?;
@@ -527,11 +600,33 @@ impl Proxy {
         } else {
             (Alpn::Http1, builder.http1_only())
         };
-        let ctx = ctx(Routes::Tls {
+        let routes = Routes::Tls {
             rule,
             name,
             alpn,
-            orig,
+            orig: conn_span.orig,
+        };
+        self.serve_http(builder, TokioIo::new(stream), routes, activity, conn_span)
+            .await
+            .map_err(|e| format!("serving https: {e}"))
+    }
+
+    /// Serves the requests of one intercepted connection, each through [`intercept::handle`].
+    async fn serve_http<I>(
+        &self,
+        builder: auto::Builder<TokioExecutor>,
+        io: I,
+        routes: Routes,
+        activity: Activity,
+        conn_span: &Arc<ConnSpan>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let ctx = Arc::new(intercept::ConnCtx {
+            routes,
+            pool: self.inner.upstream.clone(),
+            stats: self.inner.stats.clone(),
         });
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
         let conn_span = conn_span.clone();
@@ -541,10 +636,7 @@ impl Proxy {
                 intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
             )
         });
-        builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .await
-            .map_err(|e| format!("serving https: {e}"))
+        builder.serve_connection_with_upgrades(io, svc).await
     }
 }
 

@@ -1,13 +1,21 @@
 //! Serving capture listeners, the same for `robin exec` and every pod of `robin node`: accept,
 //! admit under the connection cap, hand the connection to the listener's current proxy; on
 //! shutdown stop every accept loop and wait, bounded, for the connections in flight.
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use crate::{capture::CapturedListener, conns::Connections, proxy::Proxy};
+use crate::{
+    capture::CapturedListener,
+    conns::{Admitted, Connections},
+    proxy::Proxy,
+};
 
 /// A connect the agent answers itself instead of proxying it (`robin await` asking whether its
 /// pod is captured).
@@ -86,6 +94,34 @@ impl Served {
                 Err(e) => self.conns.accept_failed(&e).await,
             }
         }
+    }
+
+    /// Serves a plain TCP listener (`robin gateway`) in its own task until the drain: each
+    /// connection admitted under the cap goes to `handle` with its peer's address.
+    pub fn serve_tcp<H, F>(&self, listener: tokio::net::TcpListener, handle: H, span: tracing::Span)
+    where
+        H: Fn(tokio::net::TcpStream, SocketAddr, Admitted) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let this = self.clone();
+        let stop = self.stop.child_token();
+        let accept_loop = async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        if let Some(conn) = this.conns.admit() {
+                            this.tasks.spawn(handle(stream, peer, conn));
+                        }
+                    }
+                    Err(e) => this.conns.accept_failed(&e).await,
+                }
+            }
+        };
+        tokio::spawn(accept_loop.instrument(span));
     }
 
     /// Stops every accept loop (their listeners close), then waits up to `timeout` for the

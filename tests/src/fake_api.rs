@@ -1,5 +1,6 @@
 //! The one fake Kubernetes API server of the test kit: a real HTTP/1.1 server answering what
-//! kube-rs sends: the pod list (`resourceVersion=0`, `limit`, a `spec.nodeName` field selector),
+//! kube-rs sends: the pod list (`resourceVersion=0`, `limit`, a `spec.nodeName` field selector or the
+//! gateway's label selector),
 //! the pod watch (`watch=true`, bookmarks allowed, `timeoutSeconds`) driven by the test, and
 //! TokenRequests (`POST .../serviceaccounts/{sa}/token`), minted as unsigned JWTs shaped like
 //! bound ServiceAccount tokens. One request per connection (`Connection: close`).
@@ -20,6 +21,27 @@ use serde_json::{Value, json};
 
 /// The node whose pods the fake serves; a list or watch for any other selector is refused.
 pub const NODE: &str = "node-a";
+
+/// The label a `robin gateway` selects its client pods by (its default `--pod-selector`); a
+/// list or watch with this label selector is answered with the pods carrying it.
+pub const GATEWAY_LABEL: (&str, &str) = ("robin.dev/gateway", "true");
+
+/// Which pods a list asks for: a node's (`robin node`) or the gateway's labelled clients.
+fn selected(target: &str) -> Option<fn(&Value) -> bool> {
+    let node = format!("fieldSelector=spec.nodeName%3D{NODE}");
+    let label = format!(
+        "labelSelector={}%3D{}",
+        GATEWAY_LABEL.0.replace('/', "%2F"),
+        GATEWAY_LABEL.1
+    );
+    if target.contains(&node) {
+        Some(|p| p["spec"]["nodeName"] == NODE)
+    } else if target.contains(&label) {
+        Some(|p| p["metadata"]["labels"][GATEWAY_LABEL.0] == GATEWAY_LABEL.1)
+    } else {
+        None
+    }
+}
 
 #[derive(Default)]
 pub struct ApiState {
@@ -167,14 +189,14 @@ fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
         return;
     }
     state.lock().unwrap().requests.push(target.clone());
-    // The agent must ask only for its own node's pods.
-    let selector = format!("fieldSelector=spec.nodeName%3D{NODE}");
-    if !target.starts_with("/api/v1/pods?") || !target.contains(&selector) {
+    // The agent must ask only for its own node's pods, a gateway only for its labelled clients.
+    let filter = selected(&target);
+    let Some(filter) = filter.filter(|_| target.starts_with("/api/v1/pods?")) else {
         let _ = conn.write_all(
             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         );
         return;
-    }
+    };
     if !target.contains("watch=true") {
         let body = {
             let s = state.lock().unwrap();
@@ -187,7 +209,7 @@ fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
             json!({
                 "kind": "PodList",
                 "metadata": {"resourceVersion": s.rv.to_string()},
-                "items": s.pods.values().filter(|p| p["spec"]["nodeName"] == NODE).collect::<Vec<_>>(),
+                "items": s.pods.values().filter(|p| filter(p)).collect::<Vec<_>>(),
             })
             .to_string()
         };

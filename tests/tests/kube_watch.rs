@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use robin_agent::node::kube::{PodEvent, run_pod_watch};
+use robin_agent::kube::{PodEvent, PodSelector, run_pod_watch};
 use robin_e2e::fake_api::{FakeApi, NODE};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -44,7 +44,12 @@ async fn watch_lists_from_the_cache_streams_changes_and_relists_after_410() {
     let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
     let (tx, mut rx) = mpsc::channel(16);
     let synced = Arc::new(AtomicBool::new(false));
-    let watch = tokio::spawn(run_pod_watch(client, NODE.into(), tx, synced.clone()));
+    let watch = tokio::spawn(run_pod_watch(
+        client,
+        PodSelector::OnNode(NODE.into()),
+        tx,
+        synced.clone(),
+    ));
     // Lists fail until the server is open: retried with backoff, never synced meanwhile.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!synced.load(Ordering::Relaxed));

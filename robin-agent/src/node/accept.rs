@@ -11,7 +11,8 @@ use crate::{
     serve::{Probe, Served},
 };
 
-use super::{kube::Pod, wait};
+use super::wait;
+use crate::kube::Pod;
 
 /// `robin await` connects to this address from inside the pod: reaching the agent is the answer.
 const AWAIT_PROBE: Probe = Probe {

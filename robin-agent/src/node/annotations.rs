@@ -1,7 +1,8 @@
 //! What a pod asks for through its annotations.
 use std::path::PathBuf;
 
-use super::{NodeError, config, kube::Pod};
+use super::{NodeError, config};
+use crate::kube::Pod;
 
 pub const ANN_INJECT: &str = "robin.dev/inject";
 pub const ANN_RULES: &str = "robin.dev/rules";

@@ -3,13 +3,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::config::ConfigArgs;
 
-use super::kube;
+use crate::kube::KubeArgs;
 
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CGROUP_ROOT: &str = "ROBIN_CGROUP_ROOT";
-pub const ENV_KUBE_API: &str = "ROBIN_KUBE_API";
-pub const ENV_KUBE_TOKEN_FILE: &str = "ROBIN_KUBE_TOKEN_FILE";
-pub const ENV_KUBE_CA: &str = "ROBIN_KUBE_CA";
 pub const ENV_ADMIN_ADDR: &str = "ROBIN_ADMIN_ADDR";
 pub const ENV_BPF_PIN_DIR: &str = "ROBIN_BPF_PIN_DIR";
 pub const ENV_DRAIN_TIMEOUT: &str = "ROBIN_DRAIN_TIMEOUT";
@@ -24,22 +21,8 @@ pub struct NodeArgs {
     /// Where the kubelet's pod cgroups live (default: the cgroup2 mount).
     #[arg(long, env = ENV_CGROUP_ROOT, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
-    /// API server URL (default: in-cluster config). `http://` only for tests or `kubectl proxy`.
-    #[arg(long, env = ENV_KUBE_API, value_name = "URL")]
-    pub kube_api: Option<String>,
-    /// Bearer token file for --kube-api.
-    #[arg(long, env = ENV_KUBE_TOKEN_FILE, value_name = "FILE")]
-    pub kube_token_file: Option<PathBuf>,
-    /// CA bundle for an https --kube-api.
-    #[arg(long, env = ENV_KUBE_CA, value_name = "FILE")]
-    pub kube_ca: Option<PathBuf>,
-    /// Kubeconfig file(s), colon-separated, used when --kube-api is not given (outside a
-    /// cluster). Default when not in a pod: ~/.kube/config.
-    #[arg(long, env = kube::ENV_KUBECONFIG, value_name = "FILES")]
-    pub kubeconfig: Option<String>,
-    /// Kubeconfig context (default: its current-context).
-    #[arg(long, value_name = "NAME")]
-    pub kube_context: Option<String>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Admin plane: /healthz, /readyz, /metrics, /debug/pods.
     #[arg(long, env = ENV_ADMIN_ADDR, default_value = "0.0.0.0:4001")]
     pub admin_addr: SocketAddr,

@@ -15,6 +15,7 @@ use crate::{
     admin::ReadyLatch,
     capture::{self, Attachment, CaptureSettings, CapturedListener, Capturer, Cgroup, NetNs},
     identity::{self, PodRef},
+    kube::{Pod, PodEvent},
     podfs::{PodFs, PodRoot},
     proxy::{Dialer, Limits, Proxy},
     serve::Served,
@@ -24,7 +25,6 @@ use super::{
     NodeError, accept,
     annotations::{Wanted, containers_changed, wanted},
     config::NodeConfig,
-    kube::{Pod, PodEvent},
     podcgroup,
     pods::{NodeShared, PodState, PodView},
 };

@@ -38,7 +38,8 @@ pub async fn handle(
     let method = req.method().clone();
     // The path only: query strings often carry secrets.
     let path = req.uri().path().to_owned();
-    let (result, rule) = match ctx.routes.route(req.uri(), req.headers(), req.version()) {
+    let routed = ctx.routes.route(req.uri(), req.headers(), req.version());
+    let (result, rule) = match routed.await {
         Ok(route) => {
             let rule = route.rule.clone();
             (forward(&ctx, route, req).await, rule)

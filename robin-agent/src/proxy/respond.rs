@@ -9,7 +9,7 @@ use http::{
     header::{CONNECTION, CONTENT_TYPE},
 };
 use http_body_util::{Either, Full};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     route::Refusal,
@@ -58,6 +58,19 @@ pub enum ProxyError {
     UpstreamFailed(UpstreamError),
 }
 
+/// The status a refusal is answered with (also by `robin gateway` for a CONNECT, which it
+/// answers before any HTTP server is involved).
+pub fn refusal_status(r: &Refusal) -> StatusCode {
+    match r {
+        Refusal::PlaintextRefused { .. } => StatusCode::MISDIRECTED_REQUEST,
+        Refusal::DestinationDenied { .. } => StatusCode::FORBIDDEN,
+        Refusal::Unresolvable(_) => StatusCode::BAD_GATEWAY,
+        Refusal::InvalidHost | Refusal::ConflictingHost | Refusal::NotAbsolute => {
+            StatusCode::BAD_REQUEST
+        }
+    }
+}
+
 impl ProxyError {
     /// Sorts a failed send: the workload's broken body is its own fault (400), anything else
     /// the upstream's (502).
@@ -71,10 +84,8 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Refused(Refusal::PlaintextRefused { .. }) => StatusCode::MISDIRECTED_REQUEST,
-            Self::Refused(_) | Self::InvalidTarget | Self::RequestBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Refused(r) => refusal_status(r),
+            Self::InvalidTarget | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
             Self::IdentityUnavailable { .. }
             | Self::AudienceMismatch { .. }
             | Self::CredentialUnrenderable => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +105,11 @@ impl ProxyError {
             Self::Refused(Refusal::PlaintextRefused { .. }) => {
                 b"robin: plaintext to this address is not allowed for this host\n"
             }
+            Self::Refused(Refusal::NotAbsolute) => {
+                b"robin: a forward proxy needs an absolute http:// target (CONNECT for https)\n"
+            }
+            Self::Refused(Refusal::Unresolvable(_)) => b"robin: destination does not resolve\n",
+            Self::Refused(Refusal::DestinationDenied { .. }) => b"robin: destination not allowed\n",
             // The OAuth error code is already sanitized (printable ASCII, truncated) and tells
             // the workload's operator why; nothing else about the source is shown.
             Self::IdentityUnavailable {
@@ -130,7 +146,7 @@ impl ProxyError {
     fn log(&self) {
         let status = self.status().as_u16();
         match self {
-            Self::Refused(Refusal::InvalidHost)
+            Self::Refused(Refusal::InvalidHost | Refusal::NotAbsolute)
             | Self::InvalidTarget
             | Self::UpgradeOverH2
             | Self::UnexpectedUpgrade => debug!(error = %self, status, "answering"),
@@ -139,6 +155,9 @@ impl ProxyError {
             }
             Self::Refused(Refusal::PlaintextRefused { .. }) => {
                 warn!(error = %self, "plaintext injection refused, answering 421");
+            }
+            Self::Refused(Refusal::Unresolvable(_) | Refusal::DestinationDenied { .. }) => {
+                info!(error = %self, status, "forward-proxy target refused");
             }
             Self::IdentityUnavailable { origin, error } => {
                 warn!(source = %origin, error = %error, "identity unavailable, answering 503");

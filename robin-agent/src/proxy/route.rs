@@ -9,7 +9,9 @@
 //!   verified for the host; with `plaintext.allow_cidrs` it goes in cleartext to a dialled IP in
 //!   those prefixes and is refused (421) elsewhere. Any other host goes to the dialled address
 //!   unchanged, without a token.
-use std::sync::Arc;
+//! - A forward proxy's request (`robin gateway`, absolute-form `http://host/...`): as plain
+//!   HTTP, with the "dialled address" being what the gateway resolved the target's host to.
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use http::{
     HeaderMap, Uri, Version,
@@ -34,6 +36,22 @@ pub enum Routes {
         rules: Arc<[Arc<Rule>]>,
         orig: OrigDst,
     },
+    /// A forward proxy's absolute-form requests: each to its own target, resolved by
+    /// `resolver`, then routed as plain HTTP to that address.
+    Forward {
+        rules: Arc<[Arc<Rule>]>,
+        resolver: Arc<dyn Resolve>,
+    },
+}
+
+/// Turns a request target's host and port into the address a forward proxy connects to, or
+/// refuses it (unresolvable, or an address the operator did not allow).
+pub trait Resolve: Send + Sync {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, Refusal>> + Send + 'a>>;
 }
 
 /// Where one request goes, and with whose token.
@@ -58,6 +76,15 @@ pub enum Refusal {
     /// A ruled host whose plaintext prefixes do not hold the dialled address.
     #[error("{host} is not allowed in plaintext to {dst}")]
     PlaintextRefused { host: String, dst: OrigDst },
+    /// A forward proxy's request without an absolute `http://` target.
+    #[error("not an absolute http:// target")]
+    NotAbsolute,
+    /// A forward proxy's target host that does not resolve.
+    #[error("{0} does not resolve")]
+    Unresolvable(String),
+    /// A forward proxy's target the operator did not allow (loopback, link-local, ...).
+    #[error("{host} resolves to {ip}, which is not allowed")]
+    DestinationDenied { host: String, ip: std::net::IpAddr },
 }
 
 /// The request's host as sent: the target's authority (absolute form, h2 `:authority`) or the
@@ -81,7 +108,7 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Re
 impl Routes {
     /// `version`: the workload's HTTP version; an h2 request is originated offering h2 too
     /// (gRPC servers often speak nothing else).
-    pub fn route(
+    pub async fn route(
         &self,
         uri: &Uri,
         headers: &HeaderMap,
@@ -96,8 +123,27 @@ impl Routes {
                 orig,
             } => tls_route(rule, name, *alpn, *orig, host.as_deref()),
             Self::Plain { rules, orig } => plain_route(rules, *orig, host.as_deref(), version),
+            Self::Forward { rules, resolver } => {
+                let orig = forward_target(uri, resolver.as_ref()).await?;
+                plain_route(rules, orig, host.as_deref(), version)
+            }
         }
     }
+}
+
+/// Where a forward proxy's request goes: its absolute `http://` target, resolved. Anything
+/// else (origin form, `https://` which a client must CONNECT for) is refused.
+async fn forward_target(uri: &Uri, resolver: &dyn Resolve) -> Result<OrigDst, Refusal> {
+    let authority = match (uri.scheme(), uri.authority()) {
+        (Some(s), Some(a)) if *s == Scheme::HTTP => a,
+        _ => return Err(Refusal::NotAbsolute),
+    };
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    resolver.resolve(host, port).await.map(OrigDst)
 }
 
 /// A request on a connection whose TLS was terminated for `rule` (SNI `name`).

@@ -85,8 +85,18 @@ pub async fn read_prefix<R: AsyncRead + Unpin>(
     max: usize,
     wait: Duration,
 ) -> std::io::Result<(Vec<u8>, Sniffed)> {
+    read_prefix_after(Vec::with_capacity(1024.min(max)), r, max, wait).await
+}
+
+/// As [`read_prefix`], for a stream whose first bytes (`buf`) were already read, e.g. the
+/// start of a ClientHello sent right behind a CONNECT.
+pub async fn read_prefix_after<R: AsyncRead + Unpin>(
+    mut buf: Vec<u8>,
+    r: &mut R,
+    max: usize,
+    wait: Duration,
+) -> std::io::Result<(Vec<u8>, Sniffed)> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = Vec::with_capacity(1024.min(max));
     // Each pass reads at least one byte, so this ends after at most `max` passes.
     loop {
         if !buf.is_empty()

@@ -19,6 +19,10 @@ pub enum Load {
     },
     /// One curl download of the whole URL; the rate is MiB/s.
     Curl,
+    /// One curl fetching the URL `requests` times in a row on one keep-alive connection (the
+    /// client every proxy mode supports: it honours `https_proxy`); rate and p50 from curl's
+    /// own per-transfer times.
+    CurlSequence { requests: u32 },
 }
 
 /// The figures of one run.
@@ -65,6 +69,13 @@ impl Load {
             Load::Curl => {
                 format!("echo SPEED $(curl -sS -o /dev/null -w '%{{speed_download}}' {url})")
             }
+            Load::CurlSequence { requests } => {
+                // One `-o` per URL, or curl writes the later bodies to stdout.
+                let urls = vec![format!("-o /dev/null {url}"); *requests as usize].join(" ");
+                format!(
+                    "curl -sS --fail -w 'TRANSFER %{{time_total}} %{{http_code}}\\n' --max-time 120 {urls}"
+                )
+            }
         }
     }
 
@@ -73,6 +84,7 @@ impl Load {
             Load::Wrk { .. } => parse_wrk(text),
             Load::H2load { .. } => parse_h2load(text),
             Load::Curl => parse_curl_speed(text),
+            Load::CurlSequence { .. } => parse_curl_sequence(text),
         }
     }
 
@@ -172,6 +184,35 @@ fn parse_h2load(text: &str) -> anyhow::Result<Measurement> {
     Ok(m)
 }
 
+/// `TRANSFER <seconds> <status>` per request: every status must be 200.
+fn parse_curl_sequence(text: &str) -> anyhow::Result<Measurement> {
+    let mut times = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("TRANSFER ")) {
+        let mut it = line.split_whitespace();
+        let (Some(t), Some(status)) = (it.next(), it.next()) else {
+            bail!("unreadable curl transfer line: {line}");
+        };
+        if status != "200" {
+            bail!("curl got {status}");
+        }
+        times.push(t.parse::<f64>().context("curl's time_total")? * 1000.0);
+    }
+    let total_ms: f64 = times.iter().sum();
+    if times.is_empty() || total_ms <= 0.0 {
+        bail!("curl reported no transfer:\n{text}");
+    }
+    let n = times.len() as f64;
+    times.sort_by(f64::total_cmp);
+    Ok(Measurement {
+        rate: n / (total_ms / 1000.0),
+        p50_ms: Some(times[times.len() / 2]),
+        p99_ms: Some(times[(times.len() * 99 / 100).min(times.len() - 1)]),
+        mean_ms: Some(total_ms / n),
+        requests: n,
+        ..Default::default()
+    })
+}
+
 fn parse_curl_speed(text: &str) -> anyhow::Result<Measurement> {
     let bytes_per_s: f64 = text
         .lines()
@@ -267,6 +308,23 @@ mod tests {
         let m = parse_curl_speed(&fixture("curl-speed.txt")).unwrap();
         assert!((m.rate - 610446849.0 / 1048576.0).abs() < 1e-9);
         assert!(parse_curl_speed("SPEED 0").is_err());
+    }
+
+    #[test]
+    fn curl_sequence_rate_and_percentiles_from_each_transfer() {
+        let m = parse_curl_sequence(&fixture("curl-sequence.txt")).unwrap();
+        let total_s = 0.122008 + 0.001260 + 0.000906 + 0.001462 + 0.000740;
+        assert_eq!(m.requests, 5.0);
+        assert!((m.rate - 5.0 / total_s).abs() < 1e-6, "{m:?}");
+        let close = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
+        assert!(close(m.p50_ms, 1.26) && close(m.p99_ms, 122.008), "{m:?}");
+        assert!(parse_curl_sequence("TRANSFER 0.001 503\n").is_err());
+        assert!(parse_curl_sequence("nothing\n").is_err());
+        let seq = Load::CurlSequence { requests: 2 };
+        assert_eq!(
+            seq.command("https://a/s", 9),
+            "curl -sS --fail -w 'TRANSFER %{time_total} %{http_code}\\n' --max-time 120 -o /dev/null https://a/s -o /dev/null https://a/s"
+        );
     }
 
     #[test]

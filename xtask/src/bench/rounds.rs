@@ -34,7 +34,14 @@ pub enum Via {
     Robin(PathBuf),
     /// With an iptables REDIRECT to a transparent peer's port in place.
     Redirect(u16),
+    /// Through `robin gateway --config CONFIG` (a forward proxy started in the client namespace
+    /// for the run), with `https_proxy`/`http_proxy` pointing at it.
+    Gateway(PathBuf),
 }
+
+/// Where the benchmark's `robin gateway` listens (in the client namespace).
+const GATEWAY_ADDR: &str = "127.0.0.1:13128";
+const GATEWAY_ADMIN: &str = "127.0.0.1:14001";
 
 /// One path of a scenario.
 #[derive(Clone)]
@@ -157,12 +164,69 @@ fn run_once(
             script = with_redirect(*port, &script);
             None
         }
+        Via::Gateway(config) => return run_via_gateway(load, &script, robin_bin, config),
     };
     let (text, hwm, cpu) = run_client(robin, &script)?;
     let mut m = load.parse(&text)?;
     m.robin_hwm_kib = hwm;
     m.robin_cpu_s = cpu;
     Ok(m)
+}
+
+/// Runs `script` with the proxy variables set, through a `robin gateway` started for the run;
+/// the gateway's peak RSS and CPU time are read before it is stopped.
+fn run_via_gateway(
+    load: &Load,
+    script: &str,
+    robin_bin: &Path,
+    config: &Path,
+) -> anyhow::Result<Measurement> {
+    let mut gateway = Command::new("ip");
+    gateway
+        .args(["netns", "exec", CLIENT_NS])
+        .arg(robin_bin)
+        .args(["gateway", "--config"])
+        .arg(config)
+        .args(["--listen", GATEWAY_ADDR, "--admin-addr", GATEWAY_ADMIN])
+        // The bench upstream is a namespace address; nothing is denied.
+        .args(["--deny-destinations", ""])
+        .env("ROBIN_LOG", "warn");
+    let child = gateway.spawn().context("starting robin gateway")?;
+    let mut gateway = KillOnDrop(child);
+    super::world::wait_for_port(CLIENT_NS, &format!("http://{GATEWAY_ADMIN}/readyz"))?;
+    let proxy = format!("http://{GATEWAY_ADDR}");
+    let script = format!("export https_proxy={proxy} http_proxy={proxy}\n{script}");
+    let (text, _, _) = run_client(None, &script)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.0.id()))?;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gateway.0.id()))?;
+    let _ = gateway.0.kill();
+    let _ = gateway.0.wait();
+    let mut m = load.parse(&text)?;
+    m.robin_hwm_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    // utime + stime (fields 14, 15) in clock ticks of 1/100 s.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    m.robin_cpu_s = match (fields.get(11), fields.get(12)) {
+        (Some(u), Some(s)) => Some((u.parse::<f64>()? + s.parse::<f64>()?) / 100.0),
+        _ => None,
+    };
+    Ok(m)
+}
+
+/// A background process killed (and reaped) however the run ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs `script` in the client namespace, under `robin exec` when `robin` is given. When Robin

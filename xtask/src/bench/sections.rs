@@ -119,6 +119,9 @@ fn scenario(title: &str, load: Load, paths: Vec<PathSpec>) -> Scenario {
 /// With a new connection per request, the direct path pays the upstream's TLS handshake
 /// (nginx, OpenSSL 3.0) and a pooling proxy pays its own instead: a proxy with a cheaper
 /// handshake can beat direct for real (Envoy on BoringSSL did, 1.22×, in the old full run).
+/// Requests per curl run in the forward-proxy comparison.
+const SEQUENCE_REQUESTS: u32 = 300;
+
 const HANDSHAKE_SWAP: &str = "a pooling proxy's own TLS handshake replaces the upstream's";
 
 fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
@@ -189,6 +192,25 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
             "TLS intercept + inject, 1 connection (latency)",
             wrk(1, false),
             p.of(&small, Peers::None),
+        ),
+        // What an app that can only be pointed at a proxy gets (`robin gateway`), against the
+        // same client captured by eBPF: one curl, requests in a row on one connection.
+        scenario(
+            "TLS intercept + inject, curl on one keep-alive connection: eBPF capture vs forward proxy",
+            Load::CurlSequence {
+                requests: SEQUENCE_REQUESTS,
+            },
+            {
+                let mut v = p.of(&small, Peers::None);
+                v.push(path(
+                    "robin gateway",
+                    "forward proxy (CONNECT)",
+                    Role::Peer,
+                    small.clone(),
+                    Via::Gateway(config.clone()),
+                ));
+                v
+            },
         ),
         scenario(
             &format!("passthrough (splice), {} MiB download", s.large_mib),

@@ -15,10 +15,32 @@ use std::{
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::node::NodeArgs;
-
 pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
 pub const ENV_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
+pub const ENV_KUBE_API: &str = "ROBIN_KUBE_API";
+pub const ENV_KUBE_TOKEN_FILE: &str = "ROBIN_KUBE_TOKEN_FILE";
+pub const ENV_KUBE_CA: &str = "ROBIN_KUBE_CA";
+
+/// Where the API server is, for every mode that watches pods (`robin node`, `robin gateway`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// API server URL (default: in-cluster config). `http://` only for tests or `kubectl proxy`.
+    #[arg(long, env = ENV_KUBE_API, value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Bearer token file for --kube-api.
+    #[arg(long, env = ENV_KUBE_TOKEN_FILE, value_name = "FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA bundle for an https --kube-api.
+    #[arg(long, env = ENV_KUBE_CA, value_name = "FILE")]
+    pub kube_ca: Option<PathBuf>,
+    /// Kubeconfig file(s), colon-separated, used when --kube-api is not given (outside a
+    /// cluster). Default when not in a pod: ~/.kube/config.
+    #[arg(long, env = ENV_KUBECONFIG, value_name = "FILES")]
+    pub kubeconfig: Option<String>,
+    /// Kubeconfig context (default: its current-context).
+    #[arg(long, value_name = "NAME")]
+    pub kube_context: Option<String>,
+}
 
 /// No byte (not even a bookmark) on a connection for this long: it is dead. Watches end after
 /// the watcher's 290 s `timeoutSeconds`.
@@ -56,8 +78,8 @@ pub enum ConfigError {
     Client(#[from] kube::Error),
 }
 
-/// The one Kubernetes client of node mode.
-pub async fn client(args: &NodeArgs) -> Result<kube::Client, ConfigError> {
+/// The one Kubernetes client of a mode.
+pub async fn client(args: &KubeArgs) -> Result<kube::Client, ConfigError> {
     let cfg = config(args, |k| std::env::var(k).ok()).await?;
     tracing::info!(server = %cfg.cluster_url, "kubernetes api server");
     Ok(kube::Client::try_from(harden(cfg))?)
@@ -66,7 +88,7 @@ pub async fn client(args: &NodeArgs) -> Result<kube::Client, ConfigError> {
 /// In kube-rs's order: `--kube-api`; else a kubeconfig named by `--kubeconfig`/`KUBECONFIG`;
 /// else in-cluster config; else `~/.kube/config`.
 async fn config(
-    args: &NodeArgs,
+    args: &KubeArgs,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<kube::Config, ConfigError> {
     if let Some(url) = &args.kube_api {

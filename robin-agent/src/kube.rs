@@ -1,4 +1,5 @@
-//! The agent's view of Kubernetes: the pods of one node, watched through kube-rs.
+//! Robin's one Kubernetes client (kube-rs) and its pod watch: the pods of one node (`robin
+//! node`) or the labelled clients of a gateway (`robin gateway`).
 //!
 //! `kube::runtime::watcher` lists with `resourceVersion=0` (served from the API server's watch
 //! cache, not a consistent read from etcd), watches with bookmarks, relists on 410 and backs off
@@ -28,7 +29,7 @@ use crate::identity::PodRef;
 
 mod config;
 
-pub use config::{ConfigError, ENV_KUBECONFIG, ENV_SERVICE_HOST, client};
+pub use config::{ConfigError, ENV_KUBECONFIG, ENV_SERVICE_HOST, KubeArgs, client};
 
 // ---- the part of a Pod the agent reads ----
 
@@ -57,6 +58,19 @@ pub struct PodStatus {
     /// whose filesystem view holds the pod's volumes.
     pub container_statuses: Vec<ContainerStatus>,
     pub init_container_statuses: Vec<ContainerStatus>,
+    /// The pod's addresses (`status.podIPs`): how `robin gateway` tells its clients apart.
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    /// The node's address: a pod that shares it (host network) shares it with every process
+    /// of the node, so it cannot be told apart by address.
+    #[serde(rename = "hostIP")]
+    pub host_ip: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PodIp {
+    pub ip: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -140,6 +154,13 @@ impl From<core::Pod> for Pod {
                 phase: status.phase,
                 container_statuses: statuses(status.container_statuses),
                 init_container_statuses: statuses(status.init_container_statuses),
+                pod_ips: status
+                    .pod_ips
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| PodIp { ip: p.ip })
+                    .collect(),
+                host_ip: status.host_ip,
             },
         }
     }
@@ -179,24 +200,42 @@ impl Relist {
     }
 }
 
-/// Lists and watches the pods of `node` until the receiver goes away; `synced` turns true
+/// Which pods a watch lists.
+#[derive(Clone, Debug)]
+pub enum PodSelector {
+    /// The pods scheduled on one node (`robin node`).
+    OnNode(String),
+    /// The pods carrying a label selector, cluster-wide (`robin gateway`'s clients).
+    Labelled(String),
+}
+
+impl PodSelector {
+    fn watcher_config(&self) -> watcher::Config {
+        let cfg = watcher::Config {
+            // kube-rs drops `resourceVersion=0` from a paged list (a paged list cannot come
+            // from the cache), which would make every relist a consistent read from etcd; one
+            // node's pods, or a gateway's labelled clients, fit in one unpaged answer.
+            page_size: None,
+            ..watcher::Config::default()
+        }
+        .any_semantic();
+        match self {
+            Self::OnNode(node) => cfg.fields(&format!("spec.nodeName={node}")),
+            Self::Labelled(selector) => cfg.labels(selector),
+        }
+    }
+}
+
+/// Lists and watches the `selected` pods until the receiver goes away; `synced` turns true
 /// after the first complete list. Errors are logged with the API server's `Status` message
 /// (an RBAC denial reads "pods is forbidden: ...") and retried with the watcher's backoff.
 pub async fn run_pod_watch(
     client: kube::Client,
-    node: String,
+    selected: PodSelector,
     tx: mpsc::Sender<PodEvent>,
     synced: Arc<AtomicBool>,
 ) {
-    let cfg = watcher::Config {
-        // kube-rs drops `resourceVersion=0` from a paged list (a paged list cannot come from
-        // the cache), which would make every relist a consistent read from etcd; one node's
-        // pods (at most a few hundred) fit in one unpaged answer.
-        page_size: None,
-        ..watcher::Config::default()
-    }
-    .fields(&format!("spec.nodeName={node}"))
-    .any_semantic();
+    let cfg = selected.watcher_config();
     let mut events = watcher(kube::Api::<core::Pod>::all(client), cfg)
         .default_backoff()
         .inspect_err(|e| tracing::warn!(error = %e, "pod watch failed; retrying"))
