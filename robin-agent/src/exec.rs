@@ -6,18 +6,14 @@ use std::{
     os::unix::process::{CommandExt, ExitStatusExt},
     path::PathBuf,
     process::ExitCode,
-    sync::Arc,
 };
 
 use anyhow::Context as _;
-use tokio::sync::watch;
 
 use crate::{
-    capture::{self, CaptureSettings, CapturedListener, Capturer, Cgroup, Cgroup2Mount, NetNs},
+    capture::{self, CaptureSettings, Capturer, Cgroup, Cgroup2Mount},
     config::{self, ConfigArgs},
-    conns::{self, Connections},
-    proxy::Proxy,
-    serve::Served,
+    standalone::{self, Serving},
 };
 
 #[derive(clap::Args, Debug)]
@@ -29,11 +25,6 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-/// Tokio's blocking pool serves only rare work here (token fetches reading a credential file,
-/// start-up); the default cap of 512 let a per-request file read grow it to dozens of threads
-/// contending on its queue, each with its own stack and malloc arena.
-pub const MAX_BLOCKING_THREADS: usize = 8;
-
 /// Parent cgroup for transient ones; created if missing.
 const EXEC_CGROUP_PARENT: &str = "robin.exec";
 
@@ -41,26 +32,12 @@ pub fn main(args: ExecArgs) -> anyhow::Result<ExitCode> {
     // Configuration first: a bad file is the most likely mistake and deserves the first word.
     let cfg = config::load(&args.config)?;
     capture::check_capabilities(false).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(MAX_BLOCKING_THREADS)
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(run(args, cfg))
+    standalone::runtime()?.block_on(run(args, cfg))
 }
 
 async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
-    let proxy = Proxy::new(&cfg).context("starting the proxy")?;
-    tracing::info!(config = ?cfg, "effective configuration");
-    let nofile = conns::raise_nofile_limit();
-    let conns = Connections::for_limit(cfg.capture.max_connections, nofile);
-    tokio::spawn(conns::trim_when_load_falls(conns.clone()));
     let mut capturer = Capturer::load().context("loading eBPF capture")?;
-    let netns = NetNs::current()?;
-    let listener = Arc::new(
-        CapturedListener::bind(&netns, cfg.capture.listener_port, capturer.orig_dst_table())
-            .context("opening the capture listener")?,
-    );
+    let serving = Serving::start(&cfg, &capturer)?;
     let cgroup2 = Cgroup2Mount::find_or_mount()?;
     let parent = cgroup2.path().join(EXEC_CGROUP_PARENT);
     if !parent.exists() {
@@ -68,7 +45,7 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     let cgroup = Cgroup::create(parent.join(format!("exec-{}", std::process::id())))?;
-    let settings = CaptureSettings::new(cfg.capture.ports.clone(), listener.ports().port);
+    let settings = CaptureSettings::new(cfg.capture.ports.clone(), serving.listener_port());
     let attachment = capturer.attach(&cgroup, &settings)?;
     tracing::info!(
         cgroup = %cgroup.path().display(),
@@ -77,30 +54,11 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         "capturing"
     );
 
-    let served = Served::new(conns.clone());
-    // The proxy never changes here; the channel is what `serve` reads it from.
-    let (_proxy, proxy_rx) = watch::channel(proxy);
-    served.serve(listener, proxy_rx, None, tracing::Span::current());
     let status = spawn_in_cgroup(&args.command, cgroup.path().to_owned())?
         .wait()
         .await
         .context("waiting for the command")?;
-    served.drain(DRAIN_TIMEOUT).await;
-    // `robin exec` has no metrics endpoint: the cap's effect goes in the last log record.
-    tracing::info!(
-        shed = conns.shed_total(),
-        max_connections = conns.cap(),
-        "connections shed at the connection cap"
-    );
-    for (reason, n) in capturer.refused_connects().snapshot() {
-        if n > 0 {
-            tracing::warn!(
-                reason = reason.label(),
-                refused = n,
-                "captured connects refused in the kernel"
-            );
-        }
-    }
+    serving.finish(&capturer, DRAIN_TIMEOUT).await;
     capturer.detach(attachment);
     drop(cgroup);
     drop(cgroup2);

@@ -86,12 +86,7 @@ pub fn main(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     if args.clients == ClientsMode::Pods {
         clients::check_per_pod(&cfg)?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(crate::exec::MAX_BLOCKING_THREADS)
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(run(args, cfg))
+    crate::standalone::runtime()?.block_on(run(args, cfg))
 }
 
 /// What every gateway connection shares.

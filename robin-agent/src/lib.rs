@@ -3,6 +3,7 @@
 //! Data path, one module per stage: [`capture`] (eBPF redirect and accept) → `proxy` (sniff,
 //! intercept or splice, inject, upstream) with [`identity`] supplying tokens.
 pub mod admin;
+pub mod attach;
 pub mod capture;
 pub mod config;
 pub mod conns;
@@ -16,5 +17,6 @@ pub mod oidc_gateway;
 pub mod podfs;
 pub mod proxy;
 pub mod serve;
+pub mod standalone;
 pub mod tls;
 pub mod webhook;

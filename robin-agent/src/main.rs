@@ -28,6 +28,10 @@ enum LogFormat {
 enum Command {
     /// Run a command in a transient cgroup whose outbound connects Robin captures.
     Exec(robin_agent::exec::ExecArgs),
+    /// Capture an existing cgroup (a systemd service or slice, a VM's scope) until stopped;
+    /// the capture is pinned, so its connects are refused, never direct, while robin attach is
+    /// down. `--release` removes it.
+    Attach(robin_agent::attach::AttachArgs),
     /// Serve the cluster's OIDC discovery document and JWKS to external brokers, fetched with
     /// this pod's ServiceAccount token (no anonymous auth needed).
     OidcGateway(robin_agent::oidc_gateway::GatewayArgs),
@@ -56,10 +60,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    robin_agent::conns::limit_malloc_arenas();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Exec(args) => robin_agent::exec::main(args),
+        Command::Attach(args) => robin_agent::attach::main(args),
         Command::OidcGateway(args) => robin_agent::oidc_gateway::main(args),
         Command::Node(args) => robin_agent::node::main(*args),
         Command::Gateway(args) => robin_agent::gateway::main(*args),

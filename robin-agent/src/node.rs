@@ -67,12 +67,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
     capture::check_capabilities(true).map_err(anyhow::Error::msg)?;
     // Pod files are read only inside the pod's root; without openat2 that cannot be done.
     crate::podfs::probe()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(crate::exec::MAX_BLOCKING_THREADS)
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(run(args, cfg))
+    crate::standalone::runtime()?.block_on(run(args, cfg))
 }
 
 async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {

@@ -2,7 +2,6 @@
 //! throwaway CA, which checks the bearer token and counts its calls per document.
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,8 +13,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
 use robin_agent::oidc_gateway::{Gateway, GatewayArgs};
+use robin_e2e::{TempDir, pki::Ca, temp_dir};
 use tokio::{net::TcpListener, sync::oneshot};
 
 const DISCOVERY: &str = "/.well-known/openid-configuration";
@@ -25,46 +24,6 @@ const POLL_LIMIT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
-
-/// A directory removed on drop, also when the test panics.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("robin-oidc-{}-{n}-{name}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        Self { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
 
 #[derive(Default)]
 struct DoubleState {
@@ -98,7 +57,7 @@ impl DoubleState {
 /// The API server stand-in.
 struct Double {
     addr: SocketAddr,
-    ca: TestCa,
+    ca: Ca,
     state: Arc<DoubleState>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -111,25 +70,9 @@ impl Drop for Double {
 
 impl Double {
     async fn start(token: &str) -> Self {
-        let ca = TestCa::new();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca.cert, &ca.key)
-            .unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let ca = Ca::new("OIDC Test CA");
+        let config = ca.leaf(&["127.0.0.1"]).server_config(&[b"http/1.1"]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(DoubleState::default());
@@ -237,14 +180,14 @@ impl Harness {
     /// `tweak` adjusts the defaults below; the gateway does not warm up unless asked to.
     async fn start(name: &str, tweak: impl FnOnce(&mut GatewayArgs)) -> Self {
         let double = Double::start("token-one").await;
-        let dir = TempDir::new(name);
-        std::fs::write(dir.0.join("token"), "token-one\n").unwrap();
-        std::fs::write(dir.0.join("ca.crt"), double.ca.pem()).unwrap();
+        let dir = temp_dir(&format!("oidc-{name}"));
+        std::fs::write(dir.path().join("token"), "token-one\n").unwrap();
+        std::fs::write(dir.path().join("ca.crt"), double.ca.pem()).unwrap();
         let mut args = GatewayArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
             upstream: format!("https://{}", double.addr),
-            token_file: dir.0.join("token"),
-            ca_file: dir.0.join("ca.crt"),
+            token_file: dir.path().join("token"),
+            ca_file: dir.path().join("ca.crt"),
             cache_ttl: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             upstream_timeout: Duration::from_secs(2),
@@ -561,7 +504,7 @@ async fn token_is_reread_after_rotation() {
     );
 
     // The kubelet swaps the file; the API server now only accepts the new token.
-    std::fs::write(h.dir.0.join("token"), "token-two\n").unwrap();
+    std::fs::write(h.dir.path().join("token"), "token-two\n").unwrap();
     *h.upstream().expected_token.lock().unwrap() = "token-two".to_owned();
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
 
@@ -658,9 +601,9 @@ async fn metrics_exposition_format() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_with_a_certificate_from_another_ca_is_refused() {
-    let other = TestCa::new();
-    let dir = TempDir::new("other-ca");
-    let other_ca = dir.0.join("other.crt");
+    let other = Ca::new("Other CA");
+    let dir = temp_dir("oidc-other-ca");
+    let other_ca = dir.path().join("other.crt");
     std::fs::write(&other_ca, other.pem()).unwrap();
     let h = Harness::start("untrusted", |a| a.ca_file = other_ca.clone()).await;
     assert_eq!(h.get(JWKS).await.status, StatusCode::BAD_GATEWAY);

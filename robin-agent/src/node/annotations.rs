@@ -8,6 +8,9 @@ pub const ANN_INJECT: &str = "robin.dev/inject";
 pub const ANN_RULES: &str = "robin.dev/rules";
 pub const ANN_TOKEN_PATH: &str = "robin.dev/token-path";
 pub const ANN_CAPTURE_PORTS: &str = "robin.dev/capture-ports";
+/// Where a pod's token is read when `robin.dev/token-path` names none (and where `robin
+/// webhook` mounts it): part of the annotation contract between the webhook and the agent.
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/robin-token";
 
 /// What a pod asks for through its annotations.
 #[derive(Clone, Debug, PartialEq, Eq)]

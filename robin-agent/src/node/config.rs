@@ -29,7 +29,7 @@ use crate::{
     identity::SourceConfig,
 };
 
-pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/robin-token";
+pub use super::annotations::DEFAULT_TOKEN_PATH;
 pub const DEFAULT_RULE_SET: &str = "default";
 
 #[derive(Debug, thiserror::Error)]

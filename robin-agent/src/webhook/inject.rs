@@ -6,14 +6,14 @@ use std::path::{Component, Path};
 use serde_json::{Value, json};
 
 use super::pod::{Container, Pod};
-use crate::node::{self, config::DEFAULT_TOKEN_PATH};
+use crate::node::annotations::{self, DEFAULT_TOKEN_PATH};
 
 pub const ANN_AUDIENCE: &str = "robin.dev/audience";
 pub const ANN_DISTRO: &str = "robin.dev/distro";
 pub const ANN_JAVA: &str = "robin.dev/java";
 pub const ANN_TRUST: &str = "robin.dev/trust";
 /// Also a label: labels, unlike annotations, can be selected on by the webhook configuration.
-pub const OPT_IN: &str = node::ANN_INJECT;
+pub const OPT_IN: &str = annotations::ANN_INJECT;
 
 pub const TOKEN_VOLUME: &str = "robin-token";
 pub const TRUST_VOLUME: &str = "robin-trust-bundle";
@@ -39,17 +39,17 @@ pub enum InjectError {
     UnknownDistro(String),
     #[error(
         "{ann}: {0:?} must be an absolute file path without `..`",
-        ann = node::ANN_TOKEN_PATH
+        ann = annotations::ANN_TOKEN_PATH
     )]
     BadTokenPath(String),
     #[error(
         "{ann}: {0:?} is not a comma-separated list of ports (1-65535)",
-        ann = node::ANN_CAPTURE_PORTS
+        ann = annotations::ANN_CAPTURE_PORTS
     )]
     BadPorts(String),
     #[error(
         "container {container:?} already mounts volume {volume:?} at {path}, where robin node reads the pod's token: remove that mount or choose another directory with the {ann} annotation",
-        ann = node::ANN_TOKEN_PATH
+        ann = annotations::ANN_TOKEN_PATH
     )]
     TokenPathTaken {
         container: String,
@@ -119,14 +119,14 @@ fn wanted(pod: &Pod, s: &Settings) -> Result<Wanted, InjectError> {
     let distro = pod
         .annotation(ANN_DISTRO)
         .map_or(Ok(s.default_distro), Distro::parse)?;
-    let token_path = pod.annotation(node::ANN_TOKEN_PATH);
+    let token_path = pod.annotation(annotations::ANN_TOKEN_PATH);
     let (token_dir, token_file) = split_token_path(token_path.unwrap_or(DEFAULT_TOKEN_PATH))?;
     Ok(Wanted {
         audience,
         token_dir,
         token_file,
         token_path_annotated: token_path.is_some(),
-        await_port: await_port(pod.annotation(node::ANN_CAPTURE_PORTS))?,
+        await_port: await_port(pod.annotation(annotations::ANN_CAPTURE_PORTS))?,
         store: (pod.annotation(ANN_TRUST) != Some("false")).then(|| distro.store_path()),
         java: pod.annotation(ANN_JAVA) == Some("true"),
     })
@@ -196,7 +196,7 @@ fn annotations(pod: &Pod, w: &Wanted) -> Vec<Value> {
         add.push((OPT_IN, "true".to_owned()));
     }
     if !w.token_path_annotated {
-        add.push((node::ANN_TOKEN_PATH, DEFAULT_TOKEN_PATH.to_owned()));
+        add.push((annotations::ANN_TOKEN_PATH, DEFAULT_TOKEN_PATH.to_owned()));
     }
     if pod.metadata.annotations.is_none() && !add.is_empty() {
         let map: serde_json::Map<_, _> =
