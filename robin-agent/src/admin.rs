@@ -2,7 +2,8 @@
 //! answers), `/readyz` (200 once every registered start-up task has marked itself ready; the
 //! body names each task with `ok` or `no`, and each live [`ReadyCheck`] with `ok` or its reason)
 //! and the paths the mode registers as [`AdminHandler`]s. It knows no mode: `robin node`
-//! registers `/metrics` and `/debug/pods`, `robin proxy` a check that a token resolves now.
+//! registers `/metrics` (its metrics registry, [`crate::metrics::Scrape`]) and `/debug/pods`,
+//! `robin proxy` a check that a token resolves now.
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -19,9 +20,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-
-/// The Prometheus text exposition format.
-pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What a mode serves on one admin path (GET only).
 pub trait AdminHandler: Send + Sync {

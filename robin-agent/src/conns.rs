@@ -22,6 +22,11 @@ use std::{
 };
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use prometheus_client::{
+    collector::Collector,
+    encoding::DescriptorEncoder,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
 use tokio::sync::Notify;
 
 /// Descriptors kept free at the default connection cap.
@@ -211,6 +216,32 @@ impl Connections {
         slot.shed.notify_one();
         self.shed.fetch_add(1, Relaxed);
         true
+    }
+}
+
+/// The cap's families, read at each scrape (`robin node` registers the process's one
+/// [`Connections`] as a collector).
+impl Collector for Connections {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::metrics::encode_one;
+        encode_one(
+            &mut encoder,
+            "robin_connections_open",
+            "Client connections open now.",
+            &ConstGauge::new(self.open()),
+        )?;
+        encode_one(
+            &mut encoder,
+            "robin_connections_max",
+            "The connection cap (max_connections).",
+            &ConstGauge::new(self.cap()),
+        )?;
+        encode_one(
+            &mut encoder,
+            "robin_connections_shed",
+            "Client connections closed at the connection cap (newest idle first).",
+            &ConstCounter::new(self.shed_total()),
+        )
     }
 }
 

@@ -16,6 +16,7 @@
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use prometheus_client::registry::Registry;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tracing::{debug, info, warn};
 
@@ -26,7 +27,8 @@ use crate::{
     conns::{self, Admitted, Connections},
     identity::process_context,
     kube::{self, KubeArgs, PodSelector},
-    proxy::{Dialer, Entry, Limits, Proxy, Resolve},
+    metrics::Scrape,
+    proxy::{Dialer, Entry, Limits, Proxy, ProxyStats, Resolve},
     serve::{Served, shutdown_signal},
 };
 
@@ -69,7 +71,7 @@ pub struct GatewayArgs {
     /// empty to allow all).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_DENY)]
     pub deny_destinations: Vec<String>,
-    /// Admin plane: /healthz, /readyz.
+    /// Admin plane: /healthz, /readyz, /metrics.
     #[arg(long, env = "ROBIN_ADMIN_ADDR", default_value = "0.0.0.0:4001")]
     pub admin_addr: SocketAddr,
     /// On SIGTERM, how long connections in flight may take to finish.
@@ -101,19 +103,24 @@ async fn run(args: GatewayArgs, cfg: config::Config) -> anyhow::Result<ExitCode>
     let readiness = Readiness::default();
     let deny = resolve::parse_cidrs(&args.deny_destinations)
         .map_err(|e| anyhow::anyhow!("--deny-destinations: {e}"))?;
-    let clients = clients(&args, cfg, &readiness).await?;
+    // The process's one metrics registry: every client's proxy counts into the same families.
+    let mut registry = Registry::default();
+    let stats = Arc::new(ProxyStats::register(&mut registry));
+    let clients = clients(&args, cfg, stats, &readiness).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr().unwrap_or(args.listen);
-    serve_admin(&args, readiness).await?;
+    let nofile = conns::raise_nofile_limit();
+    let conns = Connections::for_limit(None, nofile);
+    registry.register_collector(Box::new(conns.clone()));
+    serve_admin(&args, readiness, registry).await?;
     let gateway = Arc::new(Gateway {
         clients,
         resolver: Arc::new(resolve::Dns::new(deny)),
         local,
     });
-    let nofile = conns::raise_nofile_limit();
-    let served = Served::new(Connections::for_limit(None, nofile));
+    let served = Served::new(conns);
     served.serve_tcp(
         listener,
         move |stream, peer, conn| serve_client(gateway.clone(), stream, peer, conn),
@@ -129,12 +136,15 @@ async fn run(args: GatewayArgs, cfg: config::Config) -> anyhow::Result<ExitCode>
 async fn clients(
     args: &GatewayArgs,
     cfg: config::Config,
+    stats: Arc<ProxyStats>,
     readiness: &Readiness,
 ) -> anyhow::Result<Clients> {
     let allowed = resolve::parse_cidrs(&args.allow_clients)
         .map_err(|e| anyhow::anyhow!("--allow-clients: {e}"))?;
     if args.clients == ClientsMode::Own {
-        let proxy = Proxy::new(&cfg).context("starting the proxy")?;
+        let identity = process_context();
+        let proxy = Proxy::with_stats(&cfg, Limits::default(), Dialer::Host, identity, stats)
+            .context("starting the proxy")?;
         return Ok(Clients::Own { proxy, allowed });
     }
     // Sources that cannot be built (a missing CA file, say) fail here, not at a client's first
@@ -152,7 +162,11 @@ async fn clients(
     let client = kube::client(&args.kube)
         .await
         .context("configuring the Kubernetes client")?;
-    let pods = Arc::new(clients::PodClients::new(cfg, process_context().clone()));
+    let pods = Arc::new(clients::PodClients::new(
+        cfg,
+        process_context().clone(),
+        stats,
+    ));
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let selector = PodSelector::Labelled(args.pod_selector.clone());
     tokio::spawn(kube::run_pod_watch(client, selector, tx, Arc::default()));
@@ -160,11 +174,17 @@ async fn clients(
     Ok(Clients::Pods(pods))
 }
 
-async fn serve_admin(args: &GatewayArgs, readiness: Readiness) -> anyhow::Result<()> {
+async fn serve_admin(
+    args: &GatewayArgs,
+    readiness: Readiness,
+    registry: Registry,
+) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding the admin plane on {}", args.admin_addr))?;
-    tokio::spawn(Admin::new(readiness).serve(admin));
+    let mut plane = Admin::new(readiness);
+    plane.register("/metrics", Arc::new(Scrape(registry)));
+    tokio::spawn(plane.serve(admin));
     Ok(())
 }
 

@@ -14,12 +14,14 @@
 use std::{collections::HashMap, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::{
     admin::{Admin, Readiness},
     capture::{self, Capturer, PinDir},
     conns::Connections,
+    proxy::ProxyStats,
     serve::Served,
 };
 
@@ -35,7 +37,7 @@ pub mod wait;
 
 pub use annotations::{ANN_CAPTURE_PORTS, ANN_INJECT, ANN_RULES, ANN_TOKEN_PATH, Wanted, wanted};
 pub use args::NodeArgs;
-pub use pods::{DebugPods, NodeShared, PodState, PodView, Totals};
+pub use pods::{DebugPods, NodeShared, PodState, PodView};
 
 use config::NodeConfig;
 use reconciler::Reconciler;
@@ -69,14 +71,19 @@ pub fn main(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
-    let shared = Arc::new(NodeShared::default());
+    // The process's one metrics registry: each module registers its own families.
+    let mut registry = Registry::default();
+    let shared = Arc::new(NodeShared {
+        pods: Default::default(),
+        proxy_stats: Arc::new(ProxyStats::register(&mut registry)),
+    });
     let readiness = Readiness::default();
     let programs_loaded = readiness.register("programs_loaded");
     let watch_synced = readiness.register("pod_watch_synced");
     let nofile = crate::conns::raise_nofile_limit();
     let conns = Connections::for_limit(cfg.base.capture.max_connections, nofile);
     tokio::spawn(crate::conns::trim_when_load_falls(conns.clone()));
-    let _ = shared.connections.set(conns.clone());
+    registry.register_collector(Box::new(conns.clone()));
     // The CA was loaded and checked against its key by the config loader.
     readiness.register("ca_loaded").mark_ready();
     tracing::info!(
@@ -86,7 +93,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         capture = ?cfg.base.capture,
         "effective configuration"
     );
-    let (capturer, adopted) = load_capture(&args, &shared)?;
+    let (capturer, adopted) = load_capture(&args, &mut registry)?;
     programs_loaded.mark_ready();
     let cgroup_root = match args.cgroup_root.clone().or(cfg.cgroup_root.clone()) {
         Some(r) => podcgroup::cgroup2_root(&r).context("checking the cgroup root")?,
@@ -103,11 +110,8 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
     tracing::info!(addr = %admin.local_addr().unwrap_or(args.admin_addr), "admin plane listening");
     let mut plane = Admin::new(readiness.clone());
     plane.register("/debug/pods", Arc::new(DebugPods(shared.clone())));
-    let node_metrics = metrics::NodeMetrics {
-        shared: shared.clone(),
-        readiness,
-    };
-    plane.register("/metrics", Arc::new(node_metrics));
+    metrics::register(&mut registry, shared.clone(), readiness);
+    plane.register("/metrics", Arc::new(crate::metrics::Scrape(registry)));
     tokio::spawn(plane.serve(admin));
 
     let (tx, rx) = mpsc::channel(256);
@@ -153,11 +157,11 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
 /// Loads (or reuses the pinned) eBPF programs and adopts the attachments an earlier agent left.
 fn load_capture(
     args: &NodeArgs,
-    shared: &NodeShared,
+    registry: &mut Registry,
 ) -> anyhow::Result<(Capturer, HashMap<u64, capture::Attachment>)> {
     let pins = PinDir::open(&args.bpf_pin_dir).context("opening the bpffs pin directory")?;
     let capturer = Capturer::load_pinned(pins).context("loading eBPF capture")?;
-    let _ = shared.capture_refused.set(capturer.refused_connects());
+    registry.register_collector(Box::new(capturer.refused_connects()));
     let adopted = capturer.adopt_pinned();
     tracing::info!(
         pin_dir = %args.bpf_pin_dir.display(),

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -28,7 +27,6 @@ use crate::{
     identity::{
         IdentityContext, IdentityError, IdentitySource, build_source_with, process_context,
     },
-    metrics::{Histogram, StatusClasses},
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
 
@@ -36,6 +34,7 @@ mod busy;
 mod inject;
 mod intercept;
 mod linger;
+pub mod metrics;
 mod respond;
 mod rewind;
 mod route;
@@ -43,6 +42,7 @@ pub mod sniff;
 mod splice;
 mod upstream;
 
+pub use metrics::{ProxyStats, RuleStats};
 pub use respond::refusal_status;
 use rewind::{ByteCounts, Rewind};
 pub use route::FixedUpstream;
@@ -130,51 +130,6 @@ pub(crate) mod h2_limits {
     pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 }
 
-/// Counters for metrics. Requests are counted by status class of what Robin answered the
-/// workload (including its own 502/503).
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    pub conn_intercepted: AtomicU64,
-    pub conn_spliced: AtomicU64,
-    /// TLS handshake with the workload failed or timed out, or the HTTP connection errored.
-    pub conn_failed: AtomicU64,
-    /// Splice could not reach the original destination.
-    pub conn_splice_failed: AtomicU64,
-    pub requests_1xx: AtomicU64,
-    pub requests_2xx: AtomicU64,
-    pub requests_3xx: AtomicU64,
-    pub requests_4xx: AtomicU64,
-    pub requests_5xx: AtomicU64,
-    pub identity_errors: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    /// Upstream connections established (TCP, TLS and HTTP handshakes done).
-    pub upstream_connects: AtomicU64,
-    /// Requests sent on a pooled upstream connection.
-    pub upstream_reused: AtomicU64,
-    /// Requests sent again on a fresh connection because their pooled one was found closed
-    /// before any byte of them was written.
-    pub upstream_retries: AtomicU64,
-    /// Status classes of the responses upstreams sent (Robin's own 502/503 are not here).
-    pub upstream_responses: StatusClasses,
-    /// Bytes read from and written to workloads, intercepted and spliced, counted when each
-    /// connection ends.
-    pub bytes_from_workload: AtomicU64,
-    pub bytes_to_workload: AtomicU64,
-}
-
-impl ProxyStats {
-    fn count_status(&self, s: StatusCode) {
-        let c = match s.as_u16() {
-            100..=199 => &self.requests_1xx,
-            200..=299 => &self.requests_2xx,
-            300..=399 => &self.requests_3xx,
-            400..=499 => &self.requests_4xx,
-            _ => &self.requests_5xx,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// A rule with its identity source built.
 #[derive(Debug)]
 pub struct Rule {
@@ -185,32 +140,12 @@ pub struct Rule {
     pub stats: RuleStats,
 }
 
-/// Per-rule counters, exposed by the node agent's `/metrics` with a `rule` label.
-#[derive(Debug, Default)]
-pub struct RuleStats {
-    /// Requests on connections intercepted for this rule, by status class of Robin's answer.
-    pub requests: StatusClasses,
-    /// Requests answered 503 because the rule's source had no valid token.
-    pub identity_errors: AtomicU64,
-    /// How long `IdentitySource::token` took, successful or not.
-    pub identity_fetch: Histogram,
-    /// Requests answered 503 because the token's `aud` was not the audience the rule expects.
-    pub audience_mismatches: AtomicU64,
-}
-
 /// What TLS interception needs: leaves minted by the configured CA. A proxy that only
 /// forwards plain HTTP (`robin proxy`) has none and needs no CA.
 struct Minting {
-    leaves: Arc<LeafCache>,
+    /// Its certificate resolver owns the leaf cache.
     server_tls: Arc<ServerConfig>,
 }
-
-/// A proxy that mints nothing reports no leaves.
-static NO_LEAVES: LeafStats = LeafStats {
-    hits: AtomicU64::new(0),
-    mints: AtomicU64::new(0),
-    mint_errors: AtomicU64::new(0),
-};
 
 struct Inner {
     rules: Arc<[Arc<Rule>]>,
@@ -326,13 +261,27 @@ impl Proxy {
         dialer: Dialer,
         identity: &IdentityContext,
     ) -> Result<Self, ProxyError> {
-        let rules = build_rules(&cfg.inject, identity)?;
+        let stats = Arc::new(ProxyStats::default());
+        Self::with_stats(cfg, limits, dialer, identity, stats)
+    }
+
+    /// As [`Proxy::with_dialer_and_identity`], counting into `stats`: `robin node` passes the
+    /// one registered set every pod's proxy shares.
+    pub fn with_stats(
+        cfg: &Config,
+        limits: Limits,
+        dialer: Dialer,
+        identity: &IdentityContext,
+        stats: Arc<ProxyStats>,
+    ) -> Result<Self, ProxyError> {
+        let rules = build_rules(&cfg.inject, identity, &stats)?;
         let leaves = Arc::new(LeafCache::new(
             cfg.tls.ca.clone(),
             mint::DEFAULT_CACHE_CAPACITY,
+            stats.leaf.clone(),
         ));
         let server_tls = mint::server_config(leaves.clone())?;
-        let mint = Minting { leaves, server_tls };
+        let mint = Minting { server_tls };
         let upstream_tls = UpstreamTls::new(cfg.tls.upstream_roots.as_deref())?;
         Ok(Self::assemble(
             rules,
@@ -340,6 +289,7 @@ impl Proxy {
             upstream_tls,
             limits,
             dialer,
+            stats,
         ))
     }
 
@@ -351,8 +301,9 @@ impl Proxy {
         upstream_roots: Option<&Path>,
         limits: Limits,
         identity: &IdentityContext,
+        stats: Arc<ProxyStats>,
     ) -> Result<Self, ProxyError> {
-        let rules = build_rules(rules, identity)?;
+        let rules = build_rules(rules, identity, &stats)?;
         let upstream_tls = UpstreamTls::new(upstream_roots)?;
         Ok(Self::assemble(
             rules,
@@ -360,6 +311,7 @@ impl Proxy {
             upstream_tls,
             limits,
             Dialer::Host,
+            stats,
         ))
     }
 
@@ -369,8 +321,8 @@ impl Proxy {
         upstream_tls: UpstreamTls,
         limits: Limits,
         dialer: Dialer,
+        stats: Arc<ProxyStats>,
     ) -> Self {
-        let stats = Arc::new(ProxyStats::default());
         let upstream = Pool::new(
             PoolLimits {
                 idle_per_key: limits.upstream_idle_per_key,
@@ -399,11 +351,9 @@ impl Proxy {
         &self.inner.stats
     }
 
+    /// Leaves minted and served from cache (all zero for a proxy that mints nothing).
     pub fn leaf_stats(&self) -> &LeafStats {
-        self.inner
-            .mint
-            .as_ref()
-            .map_or(&NO_LEAVES, |m| &m.leaves.stats)
+        &self.inner.stats.leaf
     }
 
     /// The proxy's rules, in config order (for per-rule metrics).
@@ -467,7 +417,7 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let stats = &self.inner.stats;
-        stats.conn_intercepted.fetch_add(1, Ordering::Relaxed);
+        stats.conn_intercepted.inc();
         let ctx = Arc::new(intercept::ConnCtx {
             routes: Routes::Fixed(upstream),
             pool: self.inner.upstream.clone(),
@@ -482,7 +432,7 @@ impl Proxy {
             .await
             .map_err(|e| format!("serving http: {e}"));
         if res.is_err() {
-            stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+            stats.conn_failed.inc();
         }
         res
     }
@@ -547,7 +497,7 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => {
                 debug!(%client, dst = %orig, error = %e, "reading first bytes failed");
-                self.inner.stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.conn_failed.inc();
                 return;
             }
         };
@@ -609,13 +559,13 @@ impl Proxy {
         let stats = &self.inner.stats;
         match res {
             Ok((up, down)) => {
-                stats.conn_spliced.fetch_add(1, Ordering::Relaxed);
-                stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
-                stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
+                stats.conn_spliced.inc();
+                stats.bytes_from_workload.inc_by(up);
+                stats.bytes_to_workload.inc_by(down);
                 info!(parent: &span, %client, dst = %orig, name, tls, rule = "-", mode = "splice", bytes_up = up, bytes_down = down, ms, "connection closed");
             }
             Err(e) => {
-                stats.conn_splice_failed.fetch_add(1, Ordering::Relaxed);
+                stats.conn_splice_failed.inc();
                 warn!(parent: &span, %client, dst = %orig, name, tls, rule = "-", mode = "splice", ms, error = %e, "connection failed");
             }
         }
@@ -631,7 +581,7 @@ impl Proxy {
         conn_span: &Arc<ConnSpan>,
     ) {
         let stats = &self.inner.stats;
-        stats.conn_intercepted.fetch_add(1, Ordering::Relaxed);
+        stats.conn_intercepted.inc();
         let counts = Arc::new(ByteCounts::default());
         counts.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
         // The socket comes back when hyper drops it, so an error close can linger
@@ -653,8 +603,8 @@ impl Proxy {
         let ms = seen.start.elapsed().as_millis() as u64;
         let up = counts.up.load(Ordering::Relaxed);
         let down = counts.down.load(Ordering::Relaxed);
-        stats.bytes_from_workload.fetch_add(up, Ordering::Relaxed);
-        stats.bytes_to_workload.fetch_add(down, Ordering::Relaxed);
+        stats.bytes_from_workload.inc_by(up);
+        stats.bytes_to_workload.inc_by(down);
         let span = conn_span.made();
         let (client, orig, name, tls) = (seen.client, seen.orig, seen.name.as_str(), seen.tls);
         match res {
@@ -662,7 +612,7 @@ impl Proxy {
                 info!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, "connection closed")
             }
             Err(e) => {
-                stats.conn_failed.fetch_add(1, Ordering::Relaxed);
+                stats.conn_failed.inc();
                 warn!(parent: &span, %client, dst = %orig, name, tls, rule = %label, mode = "intercept", bytes_up = up, bytes_down = down, ms, error = %e, "connection failed");
             }
         }
@@ -765,6 +715,7 @@ impl Proxy {
 fn build_rules(
     rules: &[InjectRule],
     identity: &IdentityContext,
+    stats: &ProxyStats,
 ) -> Result<Arc<[Arc<Rule>]>, ProxyError> {
     rules
         .iter()
@@ -775,7 +726,7 @@ fn build_rules(
                 source: build_source_with(&r.source, identity)
                     .map_err(|e| ProxyError::Source(i, e))?,
                 label: r.label(),
-                stats: RuleStats::default(),
+                stats: stats.rule(&r.label()),
             }))
         })
         .collect()

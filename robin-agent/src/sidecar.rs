@@ -14,21 +14,13 @@
 //! current address is kept while it is still in the answer, so a round-robin answer does not
 //! churn connections.
 use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::ExitCode, sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http::{Response, StatusCode, uri::Scheme};
-use http_body_util::Full;
+use http::uri::Scheme;
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{
     net::{TcpListener, UnixListener, UnixStream},
     sync::watch,
@@ -37,10 +29,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
-    admin::{self, Admin, AdminHandler, Readiness, ReadyCheck},
+    admin::{Admin, Readiness, ReadyCheck},
     config::{DEFAULT_FORMAT, DEFAULT_HEADER, HostPattern, InjectRule, TokenFormat},
     identity::{CachePolicy, IdentityContext, IdentitySource, SourceConfig, spiffe::SpiffeConfig},
-    proxy::{FixedUpstream, Limits, Proxy},
+    metrics::Scrape,
+    proxy::{FixedUpstream, Limits, Proxy, ProxyStats},
 };
 
 pub mod env;
@@ -108,11 +101,21 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     if let TokenSource::Jwtsvid { socket, .. } = &settings.token {
         identity.spiffe_socket = Some(socket.clone());
     }
+    // The process's one metrics registry: the proxy's families and the peer refusals.
+    let mut registry = Registry::default();
+    let stats = Arc::new(ProxyStats::register(&mut registry));
+    let refused = Counter::default();
+    registry.register(
+        "robin_proxy_peercred_refused",
+        "Unix socket peers closed because SO_PEERCRED named a UID not allowed.",
+        refused.clone(),
+    );
     let proxy = Proxy::forwarding(
         &[inject_rule(&settings)],
         settings.upstream_ca_file.as_deref(),
         Limits::default(),
         &identity,
+        stats,
     )
     .with_context(|| format!("{} / {}", env::ENV_TOKEN_SOURCE, env::ENV_UPSTREAM_CA_FILE))?;
     let rule = proxy.rules()[0].clone();
@@ -120,8 +123,7 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let (dst_tx, dst_rx) = watch::channel(dst);
     tokio::spawn(refresh_dns(settings.upstream.clone(), dst_tx));
     let upstream = Arc::new(fixed_upstream(&settings.upstream, rule.clone(), dst_rx));
-    let refused = Arc::new(AtomicU64::new(0));
-    serve_admin(&settings, &proxy, rule.source.clone(), refused.clone()).await?;
+    serve_admin(&settings, rule.source.clone(), registry).await?;
     let served = Served {
         proxy,
         upstream,
@@ -217,7 +219,7 @@ impl Served {
         }
     }
 
-    async fn uds_loop(self, listener: UnixListener, uds: UdsListen, refused: Arc<AtomicU64>) {
+    async fn uds_loop(self, listener: UnixListener, uds: UdsListen, refused: Counter) {
         loop {
             let accepted = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -233,7 +235,7 @@ impl Served {
             match peer_allowed(&stream, &uds.allow_uids) {
                 Ok(uid) => self.spawn_conn(stream, format!("uid:{uid}")),
                 Err(why) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
+                    refused.inc();
                     warn!(peer = %why, "unix socket peer refused");
                     // Dropping the stream closes it before a byte is read.
                 }
@@ -279,22 +281,15 @@ fn bind_uds(path: &Path) -> std::io::Result<UnixListener> {
 
 async fn serve_admin(
     settings: &Settings,
-    proxy: &Proxy,
     source: Arc<dyn IdentitySource>,
-    refused: Arc<AtomicU64>,
+    registry: Registry,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(settings.admin)
         .await
         .with_context(|| format!("{}: binding {}", env::ENV_ADMIN_ADDR, settings.admin))?;
     let mut plane = Admin::new(Readiness::default());
     plane.add_check("identity", Arc::new(IdentityCheck(source)));
-    plane.register(
-        "/metrics",
-        Arc::new(Metrics {
-            proxy: proxy.clone(),
-            refused,
-        }),
-    );
+    plane.register("/metrics", Arc::new(Scrape(registry)));
     info!(addr = %settings.admin, "admin plane listening");
     tokio::spawn(plane.serve(listener));
     Ok(())
@@ -308,51 +303,6 @@ impl ReadyCheck for IdentityCheck {
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move { self.0.token().await.map(drop).map_err(|e| e.to_string()) })
-    }
-}
-
-/// The pipeline's counters in the Prometheus text format.
-struct Metrics {
-    proxy: Proxy,
-    refused: Arc<AtomicU64>,
-}
-
-impl AdminHandler for Metrics {
-    fn get(&self) -> Response<Full<Bytes>> {
-        let s = self.proxy.stats();
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::from("# TYPE robin_proxy_requests_total counter\n");
-        for (class, c) in [
-            ("1xx", &s.requests_1xx),
-            ("2xx", &s.requests_2xx),
-            ("3xx", &s.requests_3xx),
-            ("4xx", &s.requests_4xx),
-            ("5xx", &s.requests_5xx),
-        ] {
-            out.push_str(&format!(
-                "robin_proxy_requests_total{{class=\"{class}\"}} {}\n",
-                load(c)
-            ));
-        }
-        for (name, v) in [
-            ("robin_proxy_connections_total", load(&s.conn_intercepted)),
-            (
-                "robin_proxy_identity_errors_total",
-                load(&s.identity_errors),
-            ),
-            (
-                "robin_proxy_upstream_errors_total",
-                load(&s.upstream_errors),
-            ),
-            (
-                "robin_proxy_upstream_connects_total",
-                load(&s.upstream_connects),
-            ),
-            ("robin_proxy_peercred_refused_total", load(&self.refused)),
-        ] {
-            out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
-        }
-        admin::text(StatusCode::OK, admin::PROMETHEUS_TEXT, out)
     }
 }
 

@@ -565,14 +565,15 @@ async fn metrics_exposition_format() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(
         reply.header("content-type"),
-        Some("text/plain; version=0.0.4; charset=utf-8")
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    // OpenMetrics: a counter family is named without `_total`; its samples carry it.
     for family in [
-        "robin_oidc_cache_hits_total",
-        "robin_oidc_cache_misses_total",
-        "robin_oidc_stale_served_total",
-        "robin_oidc_upstream_errors_total",
+        "robin_oidc_cache_hits",
+        "robin_oidc_cache_misses",
+        "robin_oidc_stale_served",
+        "robin_oidc_upstream_errors",
     ] {
         assert!(text.contains(&format!("# HELP {family} ")), "{text}");
         assert!(
@@ -595,7 +596,7 @@ async fn metrics_exposition_format() {
         ),
         0
     );
-    assert!(text.ends_with('\n'));
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 #[path = "proxy_support/harness.rs"]
 mod harness;
 
-use std::{net::SocketAddr, sync::atomic::Ordering};
+use std::net::SocketAddr;
 
 use base64::Engine as _;
 use harness::*;
@@ -60,7 +60,7 @@ async fn sni_unruled_and_host_ruled_is_spliced_without_token() {
     let mut send = within(h1(tls)).await;
     let resp = within(send.send_request(get("/echo", HOST))).await.unwrap();
     assert_eq!(header(&resp, "x-seen-auth"), "");
-    assert_eq!(proxy.leaf_stats().mints.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.leaf_stats().mints.get(), 0);
 }
 
 #[tokio::test]
@@ -178,19 +178,16 @@ async fn hostile_first_bytes_are_spliced_or_closed_without_panic() {
         let back = send_raw(addr, bytes).await;
         assert_eq!(&back, bytes, "{what}: spliced byte for byte");
     }
-    assert_eq!(proxy.leaf_stats().mints.load(Ordering::Relaxed), 0);
-    assert_eq!(proxy.stats().conn_intercepted.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.leaf_stats().mints.get(), 0);
+    assert_eq!(proxy.stats().conn_intercepted.get(), 0);
     // Counted when each splice ends, which may be just after the client saw the close.
     for _ in 0..200 {
-        if proxy.stats().conn_spliced.load(Ordering::Relaxed) == cases.len() as u64 {
+        if proxy.stats().conn_spliced.get() == cases.len() as u64 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        proxy.stats().conn_spliced.load(Ordering::Relaxed),
-        cases.len() as u64
-    );
+    assert_eq!(proxy.stats().conn_spliced.get(), cases.len() as u64);
 
     // Still serving: a normal intercepted request after all of that.
     let up = upstream_tls(&env.upstream_ca).await;
@@ -234,7 +231,7 @@ async fn token_for_another_audience_is_503_and_never_sent() {
     assert_eq!(request().await.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(up.requests(), 0);
     let rule = &proxy.rules()[0];
-    assert_eq!(rule.stats.audience_mismatches.load(Ordering::Relaxed), 2);
+    assert_eq!(rule.stats.audience_mismatches.get(), 2);
 
     // The expected audience among several, and a token that is no JWT: injected.
     let ok = jwt(serde_json::json!({"aud": ["billing", "broker"]}));
@@ -244,5 +241,5 @@ async fn token_for_another_audience_is_503_and_never_sent() {
     env.set_token("opaque-token");
     let resp = request().await;
     assert_eq!(header(&resp, "x-seen-auth"), "Bearer opaque-token");
-    assert_eq!(rule.stats.audience_mismatches.load(Ordering::Relaxed), 2);
+    assert_eq!(rule.stats.audience_mismatches.get(), 2);
 }

@@ -9,6 +9,7 @@ use harness::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use robin_agent::metrics::StatusClass;
 use robin_agent::proxy::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -197,7 +198,7 @@ async fn passthrough_presents_the_upstream_certificate() {
         .unwrap();
     let resp = within(send.send_request(req)).await.unwrap();
     assert_eq!(header(&resp, "x-seen-auth"), "mine");
-    assert_eq!(proxy.leaf_stats().mints.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.leaf_stats().mints.get(), 0);
 }
 
 #[tokio::test]
@@ -228,8 +229,8 @@ async fn no_sni_and_unknown_protocols_are_spliced() {
     let mut buf = [0u8; 20];
     within(tcp.read_exact(&mut buf)).await.unwrap();
     assert_eq!(&buf, b"\x00\x01 not http, not tls");
-    assert_eq!(proxy.stats().conn_intercepted.load(Ordering::Relaxed), 0);
-    assert_eq!(proxy.leaf_stats().mints.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats().conn_intercepted.get(), 0);
+    assert_eq!(proxy.leaf_stats().mints.get(), 0);
 }
 
 #[tokio::test]
@@ -277,8 +278,9 @@ async fn identity_unavailable_is_503_and_nothing_is_forwarded() {
     assert_eq!(up.requests(), 0);
     // Not even connected.
     assert_eq!(up.seen.conns.load(Ordering::SeqCst), 0);
-    assert_eq!(proxy.stats().identity_errors.load(Ordering::Relaxed), 2);
-    assert_eq!(proxy.stats().requests_5xx.load(Ordering::Relaxed), 2);
+    let rule = &proxy.rules()[0].stats;
+    assert_eq!(rule.identity_errors.get(), 2);
+    assert_eq!(rule.requests.get(StatusClass::ServerError), 2);
 }
 
 #[tokio::test]
@@ -296,7 +298,7 @@ async fn dead_upstream_port_is_502_once() {
     let mut send = within(h1(tls)).await;
     let resp = within(send.send_request(get("/echo", HOST))).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(proxy.stats().upstream_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats().upstream_errors.get(), 1);
 
     // h2: concurrent streams all get 502 promptly.
     let tls = within(tls_connect(addr, &env.robin_ca.pem(), HOST, H2))

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::atomic::Ordering};
 use harness::*;
 use http::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use robin_agent::metrics::StatusClass;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -58,7 +59,7 @@ async fn ruled_host_dialled_at_another_address_gets_no_token() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(attacker.requests(), 0);
-    assert_eq!(proxy.stats().upstream_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats().upstream_errors.get(), 1);
 }
 
 #[tokio::test]
@@ -174,7 +175,11 @@ async fn plaintext_is_injected_only_inside_allow_cidrs() {
     assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
     assert!(body_string(resp).await.contains("plaintext"));
     assert_eq!(up.requests(), 1, "nothing forwarded");
-    assert_eq!(proxy.stats().requests_4xx.load(Ordering::Relaxed), 1);
+    // Refused before any rule applied: counted under `rule="-"`.
+    assert_eq!(
+        proxy.stats().unruled_requests.get(StatusClass::ClientError),
+        1
+    );
 }
 
 /// Shapes the old classifier spliced raw to a ruled destination. Each is now parsed by hyper:

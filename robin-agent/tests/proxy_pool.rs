@@ -11,6 +11,7 @@ use std::{
 
 use harness::*;
 use http::{Request, StatusCode};
+use robin_agent::metrics::StatusClass;
 
 const H1: &[&[u8]] = &[b"http/1.1"];
 const H2: &[&[u8]] = &[b"h2"];
@@ -50,8 +51,8 @@ async fn sequential_client_connections_share_one_upstream_connection() {
         one_request(&env, addr, HOST, alpn).await;
         assert_eq!(up.requests(), 2);
         assert_eq!(count(&up.seen.conns), 1, "one upstream accept ({alpn:?})");
-        assert_eq!(count(&proxy.stats().upstream_connects), 1);
-        assert_eq!(count(&proxy.stats().upstream_reused), 1);
+        assert_eq!(proxy.stats().upstream_connects.get(), 1);
+        assert_eq!(proxy.stats().upstream_reused.get(), 1);
     }
 }
 
@@ -114,8 +115,14 @@ async fn upstream_closing_an_idle_pooled_connection_is_neither_502_nor_resent() 
         "each request reached the upstream exactly once"
     );
     assert_eq!(count(&up.seen.conns), 2);
-    assert_eq!(count(&proxy.stats().upstream_errors), 0);
-    assert_eq!(proxy.stats().requests_5xx.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats().upstream_errors.get(), 0);
+    assert_eq!(
+        proxy.rules()[0]
+            .stats
+            .requests
+            .get(StatusClass::ServerError),
+        0
+    );
 }
 
 #[tokio::test]

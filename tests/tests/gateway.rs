@@ -13,7 +13,7 @@ use std::{
 use robin_e2e::{
     ChildGuard, Netns, Pki, TempDir, Topology, command_in,
     fake_api::{FakeApi, GATEWAY_LABEL},
-    node_fixture::{HOST, admin_get, start_upstream},
+    node_fixture::{HOST, admin_get, metric, start_upstream},
     pod_etc, require_privileges, robin_bin, run, temp_dir, unique_id,
 };
 use serde_json::{Value, json};
@@ -250,6 +250,16 @@ fn curl_python_node_and_java_through_https_proxy_get_the_token() {
         let host = v["host"].as_str().map(|h| h.trim_end_matches(":443"));
         assert_eq!((v["tls"].as_bool(), host), (Some(true), Some(HOST)), "{v}");
     }
+    // One registry: every client's requests under the rule, in OpenMetrics.
+    let metrics = w
+        .gateway_ns()
+        .handle()
+        .run(|| admin_get(ADMIN_PORT, "/metrics"))
+        .expect("entering the gateway namespace")
+        .expect("the admin plane answers")
+        .1;
+    let series = format!("robin_requests_total{{rule=\"{HOST}\",class=\"2xx\"}}");
+    assert_eq!(metric(&metrics, &series), 5, "{metrics}");
     assert!(
         w.gateway_log().contains("resolved"),
         "the resolved address is logged: {}",

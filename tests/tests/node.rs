@@ -187,10 +187,11 @@ fn node_agent_captures_annotated_pods_each_with_its_own_token() {
         2,
         "{m}"
     );
+    // prometheus-client writes `le` first.
     assert_eq!(
         metric(
             &m,
-            &format!("robin_identity_fetch_seconds_bucket{{{rule},le=\"+Inf\"}}")
+            &format!("robin_identity_fetch_seconds_bucket{{le=\"+Inf\",{rule}}}")
         ),
         2,
         "{m}"

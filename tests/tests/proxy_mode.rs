@@ -247,7 +247,7 @@ fn token_is_injected_host_rewritten_bodies_streamed_and_rotation_seen() {
         json(&body)["authorization"],
         serde_json::json!(["Bearer tok-B"])
     );
-    assert!(robin.metric("robin_proxy_requests_total{class=\"2xx\"}") >= 3);
+    assert!(robin.metric("robin_requests_total{rule=\"127.0.0.1\",class=\"2xx\"}") >= 3);
 }
 
 #[test]
@@ -268,7 +268,10 @@ fn no_token_is_503_with_nothing_forwarded_and_readyz_follows_the_token() {
         w.upstream_requests().is_empty(),
         "the upstream saw a request"
     );
-    assert_eq!(robin.metric("robin_proxy_identity_errors_total"), 1);
+    assert_eq!(
+        robin.metric("robin_identity_errors_total{rule=\"127.0.0.1\"}"),
+        1
+    );
 
     w.write_token("tok-late");
     let (status, body) = robin.readyz();

@@ -28,6 +28,11 @@ use aya::{
         sock_ops::SockOpsLinkId,
     },
 };
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::counter::ConstCounter,
+};
 use robin_common::{
     AF_INET, AF_INET6, CaptureConfig, MAX_CAPTURE_PORTS, MAX_EXCLUDES, PeerKey, Prefix4, Prefix6,
     RefusalReason, SockRecord, names,
@@ -303,6 +308,37 @@ impl OrigDstTable {
 /// Captured connects the kernel refused, by reason (see `robin_common::RefusalReason`).
 pub struct RefusedConnects {
     map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl std::fmt::Debug for RefusedConnects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusedConnects").finish_non_exhaustive()
+    }
+}
+
+/// The `reason` label of `robin_capture_refused_total` (`RefusalReason` lives in the no_std
+/// crate, which knows no metrics library).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+/// Read from the kernel at each scrape.
+impl Collector for RefusedConnects {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let samples = self.snapshot().into_iter().map(|(reason, n)| {
+            let labels = RefusalLabels {
+                reason: reason.label(),
+            };
+            (labels, ConstCounter::new(n))
+        });
+        crate::metrics::encode_family(
+            &mut encoder,
+            "robin_capture_refused",
+            "Captured connects refused in the kernel (never let through uncaptured), by reason.",
+            samples,
+        )
+    }
 }
 
 impl RefusedConnects {

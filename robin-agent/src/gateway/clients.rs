@@ -20,7 +20,7 @@ use crate::{
     config::{Cidr, Config},
     identity::{IdentityContext, SourceConfig},
     kube::{Pod, PodEvent},
-    proxy::{Dialer, Limits, Proxy, ProxyError},
+    proxy::{Dialer, Limits, Proxy, ProxyError, ProxyStats},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +88,17 @@ struct Client {
 pub struct PodClients {
     cfg: Config,
     identity: IdentityContext,
+    /// The registered counters every client's proxy counts into.
+    stats: Arc<ProxyStats>,
     by_ip: RwLock<HashMap<IpAddr, Vec<Arc<Client>>>>,
 }
 
 impl PodClients {
-    pub fn new(cfg: Config, identity: IdentityContext) -> Self {
+    pub fn new(cfg: Config, identity: IdentityContext, stats: Arc<ProxyStats>) -> Self {
         Self {
             cfg,
             identity,
+            stats,
             by_ip: RwLock::default(),
         }
     }
@@ -197,7 +200,8 @@ impl PodClients {
             return Some((ips, c.clone()));
         }
         let ctx = self.identity.for_pod(pod.identity());
-        match Proxy::with_dialer_and_identity(&self.cfg, Limits::default(), Dialer::Host, &ctx) {
+        let stats = self.stats.clone();
+        match Proxy::with_stats(&self.cfg, Limits::default(), Dialer::Host, &ctx, stats) {
             Ok(proxy) => {
                 tracing::info!(pod = %pod.key(), ips = ?ips, "gateway client");
                 let client = Client {

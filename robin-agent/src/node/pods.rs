@@ -1,20 +1,21 @@
 //! The pod table the reconciler keeps and the admin plane reads: where each opted-in pod
-//! stands, and the counters of every proxy this agent has run.
+//! stands, and the counters every pod's proxy shares.
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::PathBuf,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::Serialize;
 
 use crate::{
     admin::{self, AdminHandler},
-    capture,
-    proxy::Proxy,
+    proxy::ProxyStats,
 };
 
 /// Where an opted-in pod stands: the `state` of `/debug/pods` and the label values of
@@ -39,6 +40,12 @@ impl PodState {
             Self::Pending => "pending",
             Self::Invalid => "invalid",
         }
+    }
+}
+
+impl EncodeLabelValue for PodState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
     }
 }
 
@@ -73,95 +80,17 @@ pub struct PodView {
     pub adopted: Option<bool>,
 }
 
-/// Summed counters of proxies of pods no longer captured, so /metrics never goes backwards.
-#[derive(Clone, Debug, Default)]
-pub struct Totals {
-    pub conn_intercepted: u64,
-    pub conn_spliced: u64,
-    pub conn_failed: u64,
-    pub conn_splice_failed: u64,
-    pub upstream_errors: u64,
-    pub upstream_connects: u64,
-    pub upstream_reused: u64,
-    pub upstream_retries: u64,
-    pub upstream_responses: [u64; 5],
-    pub bytes_from_workload: u64,
-    pub bytes_to_workload: u64,
-    pub leaf_hits: u64,
-    pub leaf_mints: u64,
-    pub leaf_mint_errors: u64,
-    /// By rule label (its first host pattern), summed over pods and rule sets.
-    pub rules: BTreeMap<String, RuleTotals>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct RuleTotals {
-    pub requests: [u64; 5],
-    pub identity_errors: u64,
-    pub identity_fetch: crate::metrics::HistogramSnapshot,
-    pub audience_mismatches: u64,
-}
-
-impl Totals {
-    pub fn add(&mut self, proxy: &Proxy) {
-        let s = proxy.stats();
-        let l = proxy.leaf_stats();
-        let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        self.conn_intercepted += r(&s.conn_intercepted);
-        self.conn_spliced += r(&s.conn_spliced);
-        self.conn_failed += r(&s.conn_failed);
-        self.conn_splice_failed += r(&s.conn_splice_failed);
-        self.upstream_errors += r(&s.upstream_errors);
-        self.upstream_connects += r(&s.upstream_connects);
-        self.upstream_reused += r(&s.upstream_reused);
-        self.upstream_retries += r(&s.upstream_retries);
-        for (t, n) in self
-            .upstream_responses
-            .iter_mut()
-            .zip(s.upstream_responses.snapshot())
-        {
-            *t += n;
-        }
-        self.bytes_from_workload += r(&s.bytes_from_workload);
-        self.bytes_to_workload += r(&s.bytes_to_workload);
-        self.leaf_hits += r(&l.hits);
-        self.leaf_mints += r(&l.mints);
-        self.leaf_mint_errors += r(&l.mint_errors);
-        for rule in proxy.rules() {
-            let t = self.rules.entry(rule.label.clone()).or_default();
-            for (t, n) in t.requests.iter_mut().zip(rule.stats.requests.snapshot()) {
-                *t += n;
-            }
-            t.identity_errors += r(&rule.stats.identity_errors);
-            t.audience_mismatches += r(&rule.stats.audience_mismatches);
-            t.identity_fetch.add(&rule.stats.identity_fetch.snapshot());
-        }
-    }
-}
-
 /// What the reconciler shares with the admin plane's handlers.
 #[derive(Default)]
 pub struct NodeShared {
     /// By pod uid: every opted-in pod the agent knows of.
     pub pods: Mutex<BTreeMap<String, PodView>>,
-    /// Proxies of captured pods, by uid (for metrics).
-    pub proxies: Mutex<BTreeMap<String, Proxy>>,
-    pub retired: Mutex<Totals>,
-    /// The client connection cap shared by every pod's accept loop.
-    pub connections: std::sync::OnceLock<Arc<crate::conns::Connections>>,
-    pub capture_refused: std::sync::OnceLock<Arc<capture::RefusedConnects>>,
+    /// The counters every pod's proxy counts into (registered once, so a retired proxy's
+    /// counts stay exported).
+    pub proxy_stats: Arc<ProxyStats>,
 }
 
 impl NodeShared {
-    /// Counters over every proxy this agent has run.
-    pub fn totals(&self) -> Totals {
-        let mut t = self.retired.lock().expect("retired lock").clone();
-        for p in self.proxies.lock().expect("proxies lock").values() {
-            t.add(p);
-        }
-        t
-    }
-
     /// `/debug/pods`: every opted-in pod as JSON, no secrets.
     pub fn debug_pods(&self) -> Result<String, serde_json::Error> {
         let pods: Vec<_> = self

@@ -270,8 +270,8 @@ impl Reconciler {
                 return;
             }
         };
-        c.proxy.send_replace(proxy.clone());
-        self.install_proxy(uid, proxy);
+        // The old proxy's counts stay in the shared families.
+        c.proxy.send_replace(proxy);
         let c = self.captured.get_mut(uid).expect("present");
         c.wanted.rule_set = want.rule_set.clone();
         c.wanted.token_path = want.token_path.clone();
@@ -321,7 +321,6 @@ impl Reconciler {
                     // The old links are gone too: capture from scratch (retried every second).
                     tracing::warn!(pod = %pod.key(), error = %e.error, "changing capture ports failed; capturing again");
                     c.serve.cancel();
-                    self.retire_pod_proxy(uid);
                     self.apply(pod.clone());
                 }
             },
@@ -346,11 +345,12 @@ impl Reconciler {
         let identity = identity::process_context()
             .for_pod(pod.clone())
             .in_pod_fs(fs);
-        Ok(Proxy::with_dialer_and_identity(
+        Ok(Proxy::with_stats(
             &cfg,
             Limits::default(),
             Dialer::InNetNs(netns),
             &identity,
+            self.shared.proxy_stats.clone(),
         )?)
     }
 
@@ -391,9 +391,8 @@ impl Reconciler {
                 }
                 e.error
             })?;
-        let (proxy_tx, proxy_rx) = watch::channel(proxy.clone());
+        let (proxy_tx, proxy_rx) = watch::channel(proxy);
         let serve = accept::serve_pod(&self.served, listener, proxy_rx, pod);
-        self.install_proxy(uid, proxy);
         self.captured.insert(
             uid.clone(),
             Captured {
@@ -497,7 +496,6 @@ impl Reconciler {
             old.serve.cancel();
             self.adopted
                 .insert(old.attachment.cgroup_id(), old.attachment);
-            self.retire_pod_proxy(uid);
         }
         if let Some(pod) = self.known.get(uid).cloned() {
             self.apply(pod);
@@ -540,37 +538,6 @@ impl Reconciler {
         }
     }
 
-    /// Stops reporting a pod's proxy; its counters go to the retired totals.
-    fn retire_pod_proxy(&self, uid: &str) {
-        let proxy = self
-            .shared
-            .proxies
-            .lock()
-            .expect("proxies lock")
-            .remove(uid);
-        if let Some(p) = proxy {
-            self.retire(&p);
-        }
-    }
-
-    /// The pod's proxy as /metrics counts it from now on; the counters of the one it replaces
-    /// go to the retired totals. The one sequence for a new capture and a swap.
-    fn install_proxy(&self, uid: &str, proxy: Proxy) {
-        let old = self
-            .shared
-            .proxies
-            .lock()
-            .expect("proxies lock")
-            .insert(uid.to_owned(), proxy);
-        if let Some(old) = old {
-            self.retire(&old);
-        }
-    }
-
-    fn retire(&self, proxy: &Proxy) {
-        self.shared.retired.lock().expect("retired lock").add(proxy);
-    }
-
     /// Detaches and closes the listener of a captured pod.
     fn release(&mut self, uid: &str) {
         if let Some(c) = self.captured.remove(uid) {
@@ -578,7 +545,6 @@ impl Reconciler {
             // listener because of us.
             self.capturer.detach(c.attachment);
             c.serve.cancel();
-            self.retire_pod_proxy(uid);
             tracing::info!(uid, "released");
         }
     }

@@ -17,7 +17,7 @@ use super::{
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The documents the gateway serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Document {
     /// `/.well-known/openid-configuration`
     Discovery = 0,

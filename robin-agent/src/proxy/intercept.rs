@@ -2,11 +2,7 @@
 //! request it asks [`super::route`] where the request goes and with whose token, fetches a fresh
 //! token, rewrites the credential header, and forwards, streaming bodies both ways. Every
 //! failure is a [`ProxyError`]; [`respond`] alone turns it into Robin's own answer.
-use std::{
-    convert::Infallible,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use http::{
     HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
@@ -52,13 +48,15 @@ pub async fn handle(
     };
     let resp = result.unwrap_or_else(|e| respond(&e));
     let status = resp.status();
-    ctx.stats.count_status(status);
     let label = match &rule {
         Some(rule) => {
             rule.stats.requests.count(status);
             rule.label.as_str()
         }
-        None => "-",
+        None => {
+            ctx.stats.unruled_requests.count(status);
+            super::metrics::NO_RULE
+        }
     };
     info!(
         %method,
@@ -72,13 +70,12 @@ pub async fn handle(
 }
 
 /// The rule's credential header value for this request.
-async fn credential(ctx: &ConnCtx, rule: &Rule) -> Result<HeaderValue, ProxyError> {
+async fn credential(rule: &Rule) -> Result<HeaderValue, ProxyError> {
     let fetch_start = Instant::now();
     let token = rule.source.token().await;
     rule.stats.identity_fetch.observe(fetch_start.elapsed());
     let token = token.map_err(|error| {
-        ctx.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
-        rule.stats.identity_errors.fetch_add(1, Ordering::Relaxed);
+        rule.stats.identity_errors.inc();
         ProxyError::IdentityUnavailable {
             origin: rule.source.describe().to_string(),
             error,
@@ -86,9 +83,7 @@ async fn credential(ctx: &ConnCtx, rule: &Rule) -> Result<HeaderValue, ProxyErro
     })?;
     if let Some(expected) = &rule.cfg.audience {
         check_audience(&token, expected).map_err(|mismatch| {
-            rule.stats
-                .audience_mismatches
-                .fetch_add(1, Ordering::Relaxed);
+            rule.stats.audience_mismatches.inc();
             ProxyError::AudienceMismatch {
                 rule: rule.label.clone(),
                 mismatch,
@@ -113,7 +108,7 @@ async fn forward(
         req.headers_mut().remove(HOST);
     }
     if let Some(rule) = &route.rule {
-        let value = credential(ctx, rule).await?;
+        let value = credential(rule).await?;
         set_credential(req.headers_mut(), &rule.cfg.header, value);
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -140,7 +135,7 @@ fn count_send_error(ctx: &ConnCtx, e: &ProxyError) {
             | ProxyError::UpstreamUnsent
             | ProxyError::UpstreamFailed(_)
     ) {
-        ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        ctx.stats.upstream_errors.inc();
     }
 }
 
@@ -170,7 +165,7 @@ async fn send(
             // (see `Upstream::send`): one fresh dial, never a second pooled connection. A fresh
             // connection never hands a request back, so this happens at most once.
             Err(SendError::Unsent(r)) if !redialled => {
-                ctx.stats.upstream_retries.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.upstream_retries.inc();
                 debug!(
                     "pooled upstream connection closed before the request was written, dialling once"
                 );

@@ -403,7 +403,7 @@ impl Pool {
                 }
             }
         };
-        self.stats.upstream_connects.fetch_add(1, Ordering::Relaxed);
+        self.stats.upstream_connects.inc();
         Ok(sender)
     }
 }
@@ -507,10 +507,7 @@ impl Upstream {
     /// A pooled connection hyper reports ready, counted as a reuse.
     fn take_pooled(&self) -> Option<Checkout> {
         let sender = self.pool.take(&self.target)?;
-        self.pool
-            .stats
-            .upstream_reused
-            .fetch_add(1, Ordering::Relaxed);
+        self.pool.stats.upstream_reused.inc();
         Some(Checkout {
             sender,
             reused: true,

@@ -1,13 +1,16 @@
 //! Leaf certificates minted per SNI, signed by the Robin CA, cached in a bounded map.
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    fmt::Write as _,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SanType,
@@ -79,12 +82,53 @@ pub fn is_dns_name(name: &str) -> bool {
         })
 }
 
-/// Counters for metrics.
-#[derive(Debug, Default)]
+/// What a leaf cache lookup did: the `result` label of `robin_leaf_cache_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeafResult {
+    Hit,
+    Mint,
+    MintError,
+}
+
+impl EncodeLabelValue for LeafResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Self::Hit => "hit",
+            Self::Mint => "mint",
+            Self::MintError => "mint_error",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeafLabels {
+    result: LeafResult,
+}
+
+/// Counters for metrics, one per [`LeafResult`]. Clones count into the same series.
+#[derive(Clone, Debug, Default)]
 pub struct LeafStats {
-    pub hits: AtomicU64,
-    pub mints: AtomicU64,
-    pub mint_errors: AtomicU64,
+    pub hits: Counter,
+    pub mints: Counter,
+    pub mint_errors: Counter,
+}
+
+impl LeafStats {
+    /// The `robin_leaf_cache` family, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let family = Family::<LeafLabels, Counter>::default();
+        registry.register(
+            "robin_leaf_cache",
+            "Leaf certificate cache lookups by result",
+            family.clone(),
+        );
+        let result = |result| family.get_or_create_owned(&LeafLabels { result });
+        Self {
+            hits: result(LeafResult::Hit),
+            mints: result(LeafResult::Mint),
+            mint_errors: result(LeafResult::MintError),
+        }
+    }
 }
 
 struct Cached {
@@ -118,12 +162,12 @@ impl std::fmt::Debug for LeafCache {
 }
 
 impl LeafCache {
-    pub fn new(ca: Arc<CertAuthority>, capacity: usize) -> Self {
+    pub fn new(ca: Arc<CertAuthority>, capacity: usize, stats: LeafStats) -> Self {
         Self {
             ca,
             capacity: capacity.max(1),
             inner: Mutex::new(CacheInner::default()),
-            stats: LeafStats::default(),
+            stats,
         }
     }
 
@@ -134,17 +178,17 @@ impl LeafCache {
         if let Some(c) = inner.map.get(&name)
             && c.minted.elapsed() < LEAF_REFRESH
         {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.hits.inc();
             return Ok(c.key.clone());
         }
         let key = match mint_leaf(&self.ca, &name) {
             Ok(k) => Arc::new(k),
             Err(e) => {
-                self.stats.mint_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.mint_errors.inc();
                 return Err(e);
             }
         };
-        self.stats.mints.fetch_add(1, Ordering::Relaxed);
+        self.stats.mints.inc();
         let fresh = Cached {
             key: key.clone(),
             minted: Instant::now(),
@@ -217,7 +261,7 @@ mod tests {
     fn cache(cap: usize) -> LeafCache {
         let (c, k) = test_ca("Cache CA");
         let ca = CertAuthority::from_pem(&c, &k, "c".as_ref(), "k".as_ref()).unwrap();
-        LeafCache::new(Arc::new(ca), cap)
+        LeafCache::new(Arc::new(ca), cap, LeafStats::default())
     }
 
     #[test]
@@ -226,8 +270,8 @@ mod tests {
         let a = c.get("a.example.com").unwrap();
         let b = c.get("A.example.com").unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(c.stats.mints.load(Ordering::Relaxed), 1);
-        assert_eq!(c.stats.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats.mints.get(), 1);
+        assert_eq!(c.stats.hits.get(), 1);
     }
 
     #[test]
@@ -239,9 +283,9 @@ mod tests {
         assert_eq!(c.len(), 2);
         c.get("b.x").unwrap();
         c.get("c.x").unwrap();
-        assert_eq!(c.stats.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(c.stats.hits.get(), 2);
         c.get("a.x").unwrap();
-        assert_eq!(c.stats.mints.load(Ordering::Relaxed), 4);
+        assert_eq!(c.stats.mints.get(), 4);
     }
 
     #[test]
@@ -256,14 +300,14 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(c.stats.mints.load(Ordering::Relaxed), 1);
-        assert_eq!(c.stats.hits.load(Ordering::Relaxed), 7);
+        assert_eq!(c.stats.mints.get(), 1);
+        assert_eq!(c.stats.hits.get(), 7);
     }
 
     #[test]
     fn invalid_name_is_an_error() {
         let c = cache(2);
         assert!(c.get("bad name").is_err());
-        assert_eq!(c.stats.mint_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats.mint_errors.get(), 1);
     }
 }
