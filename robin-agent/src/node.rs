@@ -104,15 +104,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         .await
         .context("configuring the Kubernetes client")?;
 
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin plane on {}", args.admin_addr))?;
-    tracing::info!(addr = %admin.local_addr().unwrap_or(args.admin_addr), "admin plane listening");
-    let mut plane = Admin::new(readiness.clone());
-    plane.register("/debug/pods", Arc::new(DebugPods(shared.clone())));
-    metrics::register(&mut registry, shared.clone(), readiness);
-    plane.register("/metrics", Arc::new(crate::metrics::Scrape(registry)));
-    tokio::spawn(plane.serve(admin));
+    serve_admin(&args, readiness, shared.clone(), registry).await?;
 
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(crate::kube::run_pod_watch(
@@ -152,6 +144,25 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         "shutting down; pinned capture stays in place"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The admin plane: readiness, `/debug/pods` and the process's metrics registry.
+async fn serve_admin(
+    args: &NodeArgs,
+    readiness: Readiness,
+    shared: Arc<NodeShared>,
+    mut registry: Registry,
+) -> anyhow::Result<()> {
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin plane on {}", args.admin_addr))?;
+    tracing::info!(addr = %admin.local_addr().unwrap_or(args.admin_addr), "admin plane listening");
+    let mut plane = Admin::new(readiness.clone());
+    plane.register("/debug/pods", Arc::new(DebugPods(shared.clone())));
+    metrics::register(&mut registry, shared, readiness);
+    plane.register("/metrics", Arc::new(crate::metrics::Scrape(registry)));
+    tokio::spawn(plane.serve(admin));
+    Ok(())
 }
 
 /// Loads (or reuses the pinned) eBPF programs and adopts the attachments an earlier agent left.
