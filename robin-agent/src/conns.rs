@@ -70,18 +70,6 @@ pub fn default_cap(nofile: u64) -> usize {
     usize::try_from(usable).unwrap_or(usize::MAX).max(1)
 }
 
-/// Caps glibc's malloc arenas at two. By default every thread that allocates under contention
-/// gets its own arena (up to 8 per core); a connection's buffers are freed by whichever worker
-/// runs it last, so memory freed in one arena is never reused by another and resident memory
-/// after a burst of connections grows with the thread count. Call before any thread starts.
-pub fn limit_malloc_arenas() {
-    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// Gives the kernel back the free pages of every malloc arena. glibc keeps freed memory mapped
 /// unless asked; after a connection storm that was tens of MiB.
 pub fn trim_heap() {

@@ -63,7 +63,6 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    robin_agent::conns::limit_malloc_arenas();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
