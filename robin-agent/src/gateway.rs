@@ -121,7 +121,7 @@ async fn run(args: GatewayArgs, cfg: config::Config) -> anyhow::Result<ExitCode>
         local,
     });
     let served = Served::new(conns);
-    served.serve_tcp(
+    served.serve_listener(
         listener,
         move |stream, peer, conn| serve_client(gateway.clone(), stream, peer, conn),
         tracing::info_span!("gateway"),

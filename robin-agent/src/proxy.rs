@@ -412,23 +412,24 @@ impl Proxy {
     /// `upstream` with its rule's token (`robin proxy`): the per-request path of an
     /// intercepted connection (fresh token, hop-by-hop headers, pooled verified upstream,
     /// Robin's own 502/503), routed by [`Routes::Fixed`]. Runs in the caller's span.
-    pub async fn serve_fixed<IO>(&self, io: IO, upstream: Arc<FixedUpstream>) -> Result<(), String>
+    pub async fn serve_fixed<IO>(
+        &self,
+        io: IO,
+        upstream: Arc<FixedUpstream>,
+        activity: Activity,
+    ) -> Result<(), String>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let stats = &self.inner.stats;
         stats.conn_intercepted.inc();
-        let ctx = Arc::new(intercept::ConnCtx {
-            routes: Routes::Fixed(upstream),
-            pool: self.inner.upstream.clone(),
-            stats: stats.clone(),
-        });
-        // hyper runs each h2 stream on its own task: carry the connection span explicitly.
+        let builder = server_builder(&self.inner.limits);
+        let routes = Routes::Fixed(upstream);
         let span = Span::current();
-        let svc =
-            service_fn(move |req| intercept::handle(ctx.clone(), req).instrument(span.clone()));
-        let res = server_builder(&self.inner.limits)
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        let res = self
+            .serve_http(builder, TokioIo::new(io), routes, activity, move || {
+                span.clone()
+            })
             .await
             .map_err(|e| format!("serving http: {e}"));
         if res.is_err() {
@@ -641,9 +642,12 @@ impl Proxy {
             Front::Forward(resolver) => Routes::Forward { rules, resolver },
         };
         // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
-        self.serve_http(builder, TokioIo::new(io), routes, activity, conn_span)
-            .await
-            .map_err(|e| format!("serving http: {e}"))
+        let conn_span = conn_span.clone();
+        self.serve_http(builder, TokioIo::new(io), routes, activity, move || {
+            conn_span.get()
+        })
+        .await
+        .map_err(|e| format!("serving http: {e}"))
     }
 
     /// TLS terminated with a leaf for `name`, then HTTP/1.1 or h2 as the workload's ALPN says.
@@ -677,9 +681,12 @@ impl Proxy {
             alpn,
             orig: conn_span.orig,
         };
-        self.serve_http(builder, TokioIo::new(stream), routes, activity, conn_span)
-            .await
-            .map_err(|e| format!("serving https: {e}"))
+        let conn_span = conn_span.clone();
+        self.serve_http(builder, TokioIo::new(stream), routes, activity, move || {
+            conn_span.get()
+        })
+        .await
+        .map_err(|e| format!("serving https: {e}"))
     }
 
     /// Serves the requests of one intercepted connection, each through [`intercept::handle`].
@@ -689,7 +696,7 @@ impl Proxy {
         io: I,
         routes: Routes,
         activity: Activity,
-        conn_span: &Arc<ConnSpan>,
+        span: impl Fn() -> Span + Send + Sync + 'static,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -700,11 +707,10 @@ impl Proxy {
             stats: self.inner.stats.clone(),
         });
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
-        let conn_span = conn_span.clone();
         let svc = service_fn(move |req| {
             busy::tracked(
                 activity.busy(),
-                intercept::handle(ctx.clone(), req).instrument(conn_span.get()),
+                intercept::handle(ctx.clone(), req).instrument(span()),
             )
         });
         builder.serve_connection_with_upgrades(io, svc).await

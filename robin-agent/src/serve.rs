@@ -25,6 +25,29 @@ pub struct Probe {
     pub answer: &'static [u8],
 }
 
+/// A listener [`Served::serve_listener`] drives: TCP or a Unix socket.
+pub trait Listener: Send + 'static {
+    type Conn: Send + 'static;
+    type Peer: Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Conn, Self::Peer)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
+    type Peer = SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Conn, Self::Peer)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    type Peer = tokio::net::unix::SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Conn, Self::Peer)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+}
+
 /// Every accept loop and connection task of the process, so one drain covers them all.
 #[derive(Clone)]
 pub struct Served {
@@ -96,11 +119,12 @@ impl Served {
         }
     }
 
-    /// Serves a plain TCP listener (`robin gateway`) in its own task until the drain: each
-    /// connection admitted under the cap goes to `handle` with its peer's address.
-    pub fn serve_tcp<H, F>(&self, listener: tokio::net::TcpListener, handle: H, span: tracing::Span)
+    /// Serves a plain listener (`robin gateway`, `robin proxy`) in its own task until the
+    /// drain: each connection admitted under the cap goes to `handle` with its peer's address.
+    pub fn serve_listener<L, H, F>(&self, listener: L, handle: H, span: tracing::Span)
     where
-        H: Fn(tokio::net::TcpStream, SocketAddr, Admitted) -> F + Send + 'static,
+        L: Listener,
+        H: Fn(L::Conn, L::Peer, Admitted) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let this = self.clone();

@@ -22,23 +22,24 @@ use anyhow::Context as _;
 use http::uri::Scheme;
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{
-    net::{TcpListener, UnixListener, UnixStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::watch,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     admin::{Admin, Readiness, ReadyCheck},
     config::{DEFAULT_FORMAT, DEFAULT_HEADER, HostPattern, InjectRule, TokenFormat},
+    conns::{self, Admitted, Connections},
     identity::{CachePolicy, IdentityContext, IdentitySource, SourceConfig, spiffe::SpiffeConfig},
     metrics::Scrape,
     proxy::{FixedUpstream, Limits, Proxy, ProxyStats},
+    serve::Served,
 };
 
 pub mod env;
 
-use env::{ProxyArgs, Settings, TokenSource, UdsListen, UpstreamUrl};
+use env::{ProxyArgs, Settings, TokenSource, UpstreamUrl};
 
 /// How often the upstream's name is resolved again.
 pub const DNS_REFRESH: Duration = Duration::from_secs(30);
@@ -104,7 +105,7 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // The process's one metrics registry: the proxy's families and the peer refusals.
     let mut registry = Registry::default();
     let stats = Arc::new(ProxyStats::register(&mut registry));
-    let refused = Counter::default();
+    let refused: Counter = Counter::default();
     registry.register(
         "robin_proxy_peercred_refused",
         "Unix socket peers closed because SO_PEERCRED named a UID not allowed.",
@@ -124,37 +125,55 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     tokio::spawn(refresh_dns(settings.upstream.clone(), dst_tx));
     let upstream = Arc::new(fixed_upstream(&settings.upstream, rule.clone(), dst_rx));
     serve_admin(&settings, rule.source.clone(), registry).await?;
-    let served = Served {
-        proxy,
-        upstream,
-        tasks: TaskTracker::new(),
-        stop: CancellationToken::new(),
-    };
+    let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()));
     if let Some(addr) = settings.listen {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("{}: binding {addr}", env::ENV_LISTEN_ADDR))?;
         info!(%addr, "listening");
-        tokio::spawn(served.clone().tcp_loop(listener));
+        let (proxy, upstream) = (proxy.clone(), upstream.clone());
+        let handle = move |stream: TcpStream, peer: SocketAddr, conn| {
+            let _ = stream.set_nodelay(true);
+            serve_conn(
+                proxy.clone(),
+                upstream.clone(),
+                stream,
+                peer.to_string(),
+                conn,
+            )
+        };
+        served.serve_listener(listener, handle, info_span!("tcp"));
     }
     if let Some(uds) = settings.uds.clone() {
         let listener = bind_uds(&uds.path)
             .with_context(|| format!("{}: binding {}", env::ENV_LISTEN_UDS, uds.path.display()))?;
         info!(path = %uds.path.display(), allow_uids = ?uds.allow_uids, "listening");
-        tokio::spawn(served.clone().uds_loop(listener, uds, refused));
+        let allow = Arc::new(uds.allow_uids);
+        let handle = move |stream: UnixStream, _, conn| {
+            let (proxy, upstream) = (proxy.clone(), upstream.clone());
+            let (allow, refused) = (allow.clone(), refused.clone());
+            async move {
+                match peer_allowed(&stream, &allow) {
+                    Ok(uid) => {
+                        serve_conn(proxy, upstream, stream, format!("uid:{uid}"), conn).await
+                    }
+                    Err(why) => {
+                        refused.inc();
+                        // Dropping the stream closes it before a byte is read.
+                        warn!(peer = %why, "unix socket peer refused");
+                    }
+                }
+            }
+        };
+        served.serve_listener(listener, handle, info_span!("uds"));
     }
     crate::serve::shutdown_signal()?.await;
     info!("stopping: draining requests in flight");
-    served.stop.cancel();
-    served.tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, served.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = served.tasks.len(),
-            "connections still open at the drain timeout"
-        );
+    // Connections are not cut at SIGTERM: the drain waits (bounded) for them to end, and a
+    // native sidecar is stopped only after the app, whose connections are closed by then.
+    let open = served.drain(DRAIN_TIMEOUT).await;
+    if open > 0 {
+        warn!(open, "connections still open at the drain timeout");
     }
     if let Some(uds) = &settings.uds {
         let _ = std::fs::remove_file(&uds.path);
@@ -176,71 +195,25 @@ fn fixed_upstream(
     }
 }
 
-/// The listeners' shared state: one pipeline, one fixed upstream, one drain.
-#[derive(Clone)]
-struct Served {
+/// One app connection, served until it ends or is shed at the connection cap.
+async fn serve_conn<IO>(
     proxy: Proxy,
     upstream: Arc<FixedUpstream>,
-    tasks: TaskTracker,
-    stop: CancellationToken,
-}
-
-impl Served {
-    fn spawn_conn<IO>(&self, io: IO, client: String)
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (proxy, upstream) = (self.proxy.clone(), self.upstream.clone());
-        // Not cancelled on SIGTERM: the drain waits (bounded) for the connection to end, and
-        // a native sidecar is stopped only after the app, whose connections are closed by then.
-        self.tasks.spawn(
-            async move {
-                if let Err(e) = proxy.serve_fixed(io, upstream).await {
-                    debug!(error = %e, "connection ended");
-                }
-            }
-            .instrument(info_span!("conn", client)),
-        );
-    }
-
-    async fn tcp_loop(self, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                () = self.stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.spawn_conn(stream, peer.to_string());
-                }
-                Err(e) => accept_failed(e).await,
+    io: IO,
+    client: String,
+    conn: Admitted,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let span = info_span!("conn", client);
+    let serve = proxy.serve_fixed(io, upstream, conn.activity());
+    tokio::select! {
+        res = serve.instrument(span.clone()) => {
+            if let Err(e) = res {
+                debug!(parent: &span, error = %e, "connection ended");
             }
         }
-    }
-
-    async fn uds_loop(self, listener: UnixListener, uds: UdsListen, refused: Counter) {
-        loop {
-            let accepted = tokio::select! {
-                () = self.stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            };
-            match peer_allowed(&stream, &uds.allow_uids) {
-                Ok(uid) => self.spawn_conn(stream, format!("uid:{uid}")),
-                Err(why) => {
-                    refused.inc();
-                    warn!(peer = %why, "unix socket peer refused");
-                    // Dropping the stream closes it before a byte is read.
-                }
-            }
-        }
+        () = conn.shed() => debug!(parent: &span, "idle connection shed at the connection cap"),
     }
 }
 
@@ -259,12 +232,6 @@ fn peer_allowed(stream: &UnixStream, allow: &[u32]) -> Result<u32, String> {
             env::ENV_PEERCRED_ALLOW_UIDS
         ))
     }
-}
-
-async fn accept_failed(e: std::io::Error) {
-    // Out of descriptors, most likely: back off instead of spinning.
-    warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// Binds the Unix socket, replacing a stale one a previous run left. Anyone may connect: the
