@@ -279,6 +279,53 @@ pub fn workload_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workload.py")
 }
 
+/// `upstream.py` (it echoes each request as JSON and logs it to `log`) on `ip:port`, inside
+/// `netns` when given, over TLS with `(cert, key)` or in plain HTTP; returns once it is ready.
+pub fn start_upstream_py(
+    netns: Option<&Netns>,
+    ip: IpAddr,
+    port: u16,
+    tls: Option<(&Path, &Path)>,
+    log: &Path,
+) -> ChildGuard {
+    use std::io::BufRead as _;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns.name(), "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    cmd.arg(script).args([ip.to_string(), port.to_string()]);
+    match tls {
+        Some((cert, key)) => cmd.arg(cert).arg(key),
+        None => cmd.arg("plain"),
+    };
+    cmd.arg(log).stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("starting upstream.py");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("reading upstream readiness");
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "upstream on {ip}:{port} did not start"
+    );
+    ChildGuard(child)
+}
+
+/// The requests an `upstream.py` logged to `log`, in order.
+pub fn logged_requests(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("upstream log line"))
+        .collect()
+}
+
 /// Path of the built `robin` binary (`cargo xtask test` builds it first).
 pub fn robin_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ROBIN_BIN") {

@@ -1,7 +1,7 @@
 //! Fixtures for `robin node` end-to-end tests: kubelet-like cgroup trees, simulated pods and
 //! small clients for the agent's admin plane; the fake API server is `crate::fake_api`.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -67,23 +67,9 @@ pub fn pod_json(name: &str, uid: &str, qos: &str, annotations: Value) -> Value {
 }
 
 pub fn start_upstream(topo: &Topology, pki: &Pki, log: &Path) -> ChildGuard {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", topo.upstream.name(), "python3"])
-        .arg(script)
-        .args([topo.upstream_ip4.to_string(), "443".into()])
-        .arg(pki.file("upstream.crt"))
-        .arg(pki.file("upstream.key"))
-        .arg(log)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting upstream.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("reading upstream readiness");
-    assert_eq!(line.trim(), "ready", "upstream did not start");
-    ChildGuard(child)
+    let tls = (pki.file("upstream.crt"), pki.file("upstream.key"));
+    let ip = topo.upstream_ip4.into();
+    crate::start_upstream_py(Some(&topo.upstream), ip, 443, Some((&tls.0, &tls.1)), log)
 }
 
 /// `curl https://api.test/` from inside `netns` and `cgroup`; the upstream's echo as JSON.

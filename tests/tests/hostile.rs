@@ -4,7 +4,7 @@
 //! bounded in count and time. Robin's memory and descriptors are read from `/proc/<pid>`.
 use std::{
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     sync::{
         Arc,
@@ -14,7 +14,8 @@ use std::{
 };
 
 use robin_e2e::{
-    ChildGuard, Pki, TempDir, Topology, pod_etc, require_privileges, robin_bin, temp_dir,
+    ChildGuard, Pki, TempDir, Topology, pod_etc, require_privileges, robin_bin, start_upstream_py,
+    temp_dir,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
@@ -49,7 +50,9 @@ impl World {
         let up: IpAddr = topo.upstream_ip4.into();
         pod_etc(&topo.pod, &[(HOST, up)], &[pki.file("robin-ca.crt")]);
         let log = dir.path().join("upstream.log");
-        let upstream = start_upstream(&topo, up, &pki, &log);
+        let tls = (pki.file("upstream.crt"), pki.file("upstream.key"));
+        let upstream =
+            start_upstream_py(Some(&topo.upstream), up, 443, Some((&tls.0, &tls.1)), &log);
         let token = dir.path().join("token");
         std::fs::write(&token, TOKEN).expect("writing token");
         let config = dir.path().join("robin.toml");
@@ -135,27 +138,6 @@ impl World {
             log,
         }
     }
-}
-
-fn start_upstream(topo: &Topology, ip: IpAddr, pki: &Pki, log: &Path) -> ChildGuard {
-    use std::io::BufRead as _;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", topo.upstream.name(), "python3"])
-        .arg(script)
-        .args([ip.to_string(), "443".into()])
-        .arg(pki.file("upstream.crt"))
-        .arg(pki.file("upstream.key"))
-        .arg(log)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting upstream.py");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("reading upstream readiness");
-    assert_eq!(line.trim(), "ready", "upstream did not start");
-    ChildGuard(child)
 }
 
 struct Robin {

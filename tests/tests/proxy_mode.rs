@@ -3,38 +3,27 @@
 //! upstream that echoes what it received (Authorization, Host, body size), and curl as the app.
 //! Unprivileged except the Unix socket test, which runs one client as `nobody` (setpriv).
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
 
 use robin_e2e::{
-    ChildGuard, Pki,
+    ChildGuard, Pki, logged_requests,
     node_fixture::{admin_get, free_port, wait_for},
-    robin_bin, temp_dir,
+    robin_bin, start_upstream_py, temp_dir,
 };
 use serde_json::Value;
 
 /// An upstream double: `upstream.py` over TLS with `cert` (`upstream` is trusted, `rogue` is
 /// not) on 127.0.0.1, logging each request it served to `log`.
 fn start_upstream(pki: &Pki, cert: &str, port: u16, log: &Path) -> ChildGuard {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("upstream.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args(["127.0.0.1".to_owned(), port.to_string()])
-        .arg(pki.file(&format!("{cert}.crt")))
-        .arg(pki.file(&format!("{cert}.key")))
-        .arg(log)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting upstream.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("reading upstream readiness");
-    assert_eq!(line.trim(), "ready", "upstream did not start");
-    ChildGuard(child)
+    let (crt, key) = (
+        pki.file(&format!("{cert}.crt")),
+        pki.file(&format!("{cert}.key")),
+    );
+    let ip = std::net::Ipv4Addr::LOCALHOST.into();
+    start_upstream_py(None, ip, port, Some((&crt, &key)), log)
 }
 
 /// One scenario: a scratch directory with the PKI, a token file path, a trusted upstream.
@@ -92,11 +81,7 @@ impl World {
     }
 
     fn upstream_requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.upstream_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        logged_requests(&self.upstream_log)
     }
 }
 
