@@ -199,8 +199,8 @@ impl ConnSpan {
 }
 
 enum Mode {
-    /// TLS for a ruled SNI (`Some`), or plain HTTP routed request by request (`None`).
-    Intercept(Option<Arc<Rule>>, String),
+    /// TLS for a ruled SNI, or plain HTTP routed request by request; with the sniffed name.
+    Intercept(Front, String),
     Splice,
 }
 
@@ -519,9 +519,8 @@ impl Proxy {
                 let _busy = activity.busy();
                 self.splice(stream, &prefix, &seen, &conn_span).await;
             }
-            Mode::Intercept(rule, name) => {
+            Mode::Intercept(front, name) => {
                 let seen = Seen { name, ..seen };
-                let front = rule.map_or(Front::Plain, Front::Tls);
                 self.serve_intercepted(stream, prefix, front, seen, activity, &conn_span)
                     .await;
             }
@@ -533,10 +532,10 @@ impl Proxy {
     fn mode_for(&self, sniffed: &Sniffed, name: Option<String>) -> Mode {
         match (sniffed, name) {
             (Sniffed::Http { .. }, name) => {
-                Mode::Intercept(None, name.unwrap_or_else(|| "-".into()))
+                Mode::Intercept(Front::Plain, name.unwrap_or_else(|| "-".into()))
             }
             (_, Some(n)) => match self.rule_for(&n) {
-                Some(rule) => Mode::Intercept(Some(rule), n),
+                Some(rule) => Mode::Intercept(Front::Tls(rule), n),
                 None => Mode::Splice,
             },
             (_, None) => Mode::Splice,

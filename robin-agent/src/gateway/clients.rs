@@ -143,8 +143,8 @@ impl PodClients {
     }
 
     fn applied(&self, pod: Pod) {
-        let known = self.known();
-        let entry = self.client(&pod, known.get(&pod.metadata.uid));
+        let known = self.find(&pod.metadata.uid);
+        let entry = self.client(&pod, known.as_ref());
         let mut table = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
         remove_uid(&mut table, &pod.metadata.uid);
         if let Some((ips, client)) = entry {
@@ -162,7 +162,14 @@ impl PodClients {
         remove_uid(&mut table, uid);
     }
 
-    /// The clients known now, by uid: a pod seen again keeps its proxy (and its leaf cache).
+    /// The client entry of the pod with `uid`, if it is known: a pod seen again keeps its
+    /// proxy (and its leaf cache).
+    fn find(&self, uid: &str) -> Option<Arc<Client>> {
+        let table = self.by_ip.read().unwrap_or_else(|p| p.into_inner());
+        table.values().flatten().find(|c| c.uid == uid).cloned()
+    }
+
+    /// The clients known now, by uid (for a relist, which looks every pod up).
     fn known(&self) -> HashMap<String, Arc<Client>> {
         let table = self.by_ip.read().unwrap_or_else(|p| p.into_inner());
         table
