@@ -7,7 +7,8 @@
 //! Sources: [`file`] (checked per request, re-read on change), [`token_request`] (Kubernetes TokenRequest),
 //! [`spiffe`] (JWT-SVIDs), [`exchange`] (OAuth token exchange / JWT client assertion of an inner
 //! source). The fetching ones share one [`TokenCache`] (through [`IdentityContext`]) and reach the
-//! network only through the hardened [`http::HttpClient`]. Config reference: `identity/README.md`.
+//! network only through hardened clients: [`crate::kube::Endpoint`] for the Kubernetes API,
+//! [`http::HttpClient`] for token endpoints. Config reference: `identity/README.md`.
 use std::{
     fmt,
     future::Future,
@@ -27,75 +28,12 @@ pub mod http;
 pub mod spiffe;
 pub mod token_request;
 
+pub use crate::{
+    kube::PodRef,
+    secret::{MAX_TOKEN_LEN, Token, TokenError},
+};
 pub use cache::{CacheKey, CachePolicy, TokenCache};
 pub use http::HttpSettings;
-
-/// A bearer credential. Constructed only through [`Token::parse`], which rejects anything that
-/// could split or smuggle a header.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(Arc<str>);
-
-/// Longest token accepted; projected tokens are ~1 KiB, JWT-SVIDs a few KiB.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TokenError {
-    #[error("token is empty")]
-    Empty,
-    #[error("token is longer than {MAX_TOKEN_LEN} bytes")]
-    TooLong,
-    #[error("token contains a control character or non-ASCII byte at offset {0}")]
-    ControlOrNonAscii(usize),
-    #[error("token contains a character outside the token68 set at offset {0}")]
-    NotToken68(usize),
-}
-
-impl Token {
-    /// Trims surrounding whitespace (a trailing newline in a mounted file is normal) and accepts
-    /// only token68-like values: `A-Z a-z 0-9 - . _ ~ + /` followed by optional `=` padding.
-    pub fn parse(raw: &str) -> Result<Self, TokenError> {
-        let value = raw.trim_matches(|c: char| c == ' ' || c == '\t' || c == '\r' || c == '\n');
-        if value.is_empty() {
-            return Err(TokenError::Empty);
-        }
-        if value.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::TooLong);
-        }
-        let bytes = value.as_bytes();
-        let mut padding = false;
-        for (i, &b) in bytes.iter().enumerate() {
-            if !(0x21..0x7f).contains(&b) {
-                return Err(TokenError::ControlOrNonAscii(i));
-            }
-            let body =
-                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
-            match (b, padding) {
-                (b'=', _) => padding = true,
-                (_, false) if body => {}
-                _ => return Err(TokenError::NotToken68(i)),
-            }
-        }
-        Ok(Self(Arc::from(value)))
-    }
-
-    /// The secret itself. Call only where the value is written into an outbound header or
-    /// request body; never format it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl fmt::Display for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// Why a source could not produce a token. Messages never contain the token.
 #[derive(Debug, thiserror::Error)]
@@ -182,19 +120,6 @@ impl SourceConfig {
             Self::Exchange(c) => c.audience.as_deref(),
         }
     }
-}
-
-/// The pod a token is requested for, when the agent knows it (`robin node`): TokenRequest
-/// tokens are requested for its namespace and ServiceAccount and bound to it, delegated SPIFFE
-/// selectors default to its uid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    /// `None`: the agent's own ServiceAccount. The node agent always sets it (Kubernetes means
-    /// `default` when a pod names none).
-    pub service_account: Option<String>,
 }
 
 /// What all sources built by one agent share: the single token cache, timeouts, defaults.
@@ -370,39 +295,6 @@ pub fn jwt_lifetime(token: &Token) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accepts_jwt_and_trims_newline() {
-        let t = Token::parse("eyJhbGciOi.eyJzdWIi.c2ln\n").unwrap();
-        assert_eq!(t.expose(), "eyJhbGciOi.eyJzdWIi.c2ln");
-    }
-
-    #[test]
-    fn accepts_padding_only_at_end() {
-        assert!(Token::parse("abc==").is_ok());
-        assert_eq!(Token::parse("ab=c"), Err(TokenError::NotToken68(3)));
-    }
-
-    #[test]
-    fn rejects_crlf_controls_and_spaces() {
-        assert_eq!(
-            Token::parse("abc\r\nX-Evil: 1"),
-            Err(TokenError::ControlOrNonAscii(3))
-        );
-        assert_eq!(
-            Token::parse("a\u{0}b"),
-            Err(TokenError::ControlOrNonAscii(1))
-        );
-        assert_eq!(Token::parse("a b"), Err(TokenError::ControlOrNonAscii(1)));
-        assert_eq!(Token::parse("  \n"), Err(TokenError::Empty));
-        assert_eq!(Token::parse("tök"), Err(TokenError::ControlOrNonAscii(1)));
-    }
-
-    #[test]
-    fn debug_and_display_redact() {
-        let t = Token::parse("s3cr3t-value").unwrap();
-        assert!(!format!("{t:?} {t}").contains("s3cr3t"));
-    }
 
     #[derive(Debug, Deserialize)]
     struct Rule {

@@ -25,11 +25,11 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::identity::PodRef;
-
 mod config;
+mod endpoint;
 
 pub use config::{ConfigError, ENV_KUBECONFIG, ENV_SERVICE_HOST, KubeArgs, client};
+pub use endpoint::{CallError, CallLimits, Endpoint, EndpointConfig};
 
 // ---- the part of a Pod the agent reads ----
 
@@ -91,6 +91,19 @@ pub struct Pod {
     pub metadata: ObjectMeta,
     pub spec: PodSpec,
     pub status: PodStatus,
+}
+
+/// The pod a token is requested for, when the agent knows it (`robin node`): TokenRequest
+/// tokens are requested for its namespace and ServiceAccount and bound to it, delegated SPIFFE
+/// selectors default to its uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `None`: the agent's own ServiceAccount. The node agent always sets it (Kubernetes means
+    /// `default` when a pod names none).
+    pub service_account: Option<String>,
 }
 
 /// The ServiceAccount of a pod whose spec names none.

@@ -16,6 +16,7 @@ pub mod node;
 pub mod oidc_gateway;
 pub mod podfs;
 pub mod proxy;
+pub mod secret;
 pub mod serve;
 pub mod sidecar;
 pub mod standalone;

@@ -5,13 +5,8 @@
 //!
 //! Stages: [`upstream`] (the one outbound client) → [`cache`] → [`routes`] (inbound HTTP).
 use std::{
-    convert::Infallible,
-    future::Future,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
+    convert::Infallible, future::Future, net::SocketAddr, path::PathBuf, process::ExitCode,
+    sync::Arc, time::Duration,
 };
 
 use anyhow::Context as _;
@@ -19,9 +14,10 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use rustls::pki_types::ServerName;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::Instrument as _;
+
+use crate::kube::{CallLimits, Endpoint, EndpointConfig};
 
 pub mod cache;
 pub mod metrics;
@@ -115,16 +111,8 @@ impl Default for GatewayArgs {
 pub enum Error {
     #[error("invalid duration {0:?}: expected a number with an optional ms, s, m or h suffix")]
     Duration(String),
-    #[error("invalid upstream url {0:?}: {1}")]
-    Upstream(String, &'static str),
-    #[error("reading the ca bundle {}: {}", .0.display(), .1)]
-    ReadCa(PathBuf, #[source] std::io::Error),
-    #[error("no usable certificate in the ca bundle {}", .0.display())]
-    NoCaCerts(PathBuf),
-    #[error("loading the system root certificates: none found")]
-    NoSystemRoots,
-    #[error("building the tls client configuration: {0}")]
-    Tls(#[source] rustls::Error),
+    #[error("upstream: {0}")]
+    Upstream(#[from] crate::kube::ConfigError),
     #[error("binding {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
 }
@@ -265,84 +253,23 @@ async fn serve_connection(
     }
 }
 
-fn build_upstream(args: &GatewayArgs) -> Result<upstream::Upstream, Error> {
-    let invalid = |why| Error::Upstream(args.upstream.clone(), why);
-    let uri: http::Uri = args.upstream.parse().map_err(|_| invalid("not a url"))?;
-    let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(invalid("credentials in the url are not allowed"));
-    }
-    if uri.query().is_some() {
-        return Err(invalid("a query is not allowed"));
-    }
-    let host = authority.host();
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") if upstream::is_loopback_literal(host) => false,
-        Some("http") => return Err(invalid("plain http is allowed only to a loopback ip")),
-        _ => return Err(invalid("scheme must be https")),
-    };
-    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let bare_host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let server_name =
-        ServerName::try_from(bare_host.clone()).map_err(|_| invalid("host is not a valid name"))?;
-    let tls = if https {
-        Some(upstream::connector(client_config(
-            &args.ca_file,
-            args.system_roots,
-        )?))
-    } else {
-        None
-    };
-    Ok(upstream::Upstream {
-        tls,
-        host: bare_host,
-        port,
-        server_name,
-        authority: authority.as_str().to_owned(),
-        base_path: uri.path().trim_end_matches('/').to_owned(),
-        token_file: args.token_file.clone(),
-        connect_timeout: args.connect_timeout,
-        total_timeout: args.upstream_timeout,
-        max_body: args.max_body_bytes,
-    })
-}
-
 /// Trusts exactly the configured CA bundle (plus system roots only when asked): the gateway
 /// sends a credential, so it must reach the API server and nothing that merely has a public
-/// certificate.
-fn client_config(ca_file: &Path, system_roots: bool) -> Result<rustls::ClientConfig, Error> {
-    let pem = std::fs::read(ca_file).map_err(|e| Error::ReadCa(ca_file.to_owned(), e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::ReadCa(ca_file.to_owned(), e))?;
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(Error::NoCaCerts(ca_file.to_owned()));
-    }
-    if system_roots {
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "loading a system root certificate");
-        }
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        if added == 0 {
-            return Err(Error::NoSystemRoots);
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(Error::Tls)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+/// certificate. Plain http only to a loopback address (tests).
+fn build_upstream(args: &GatewayArgs) -> Result<upstream::Upstream, Error> {
+    let endpoint = Endpoint::new(EndpointConfig {
+        url: &args.upstream,
+        ca_file: Some(&args.ca_file),
+        system_roots: args.system_roots,
+        token_file: args.token_file.clone(),
+        allow_plain_loopback: true,
+        limits: CallLimits {
+            connect_timeout: args.connect_timeout,
+            total_timeout: args.upstream_timeout,
+            max_body: args.max_body_bytes,
+        },
+    })?;
+    Ok(upstream::Upstream::new(endpoint))
 }
 
 /// Entry point of `robin oidc-gateway`.
@@ -433,8 +360,7 @@ mod tests {
                 ca_file: PathBuf::from("/nonexistent"),
                 ..GatewayArgs::default()
             };
-            let up = build_upstream(&args).unwrap();
-            assert!(up.tls.is_none());
+            build_upstream(&args).unwrap();
         }
     }
 
@@ -445,6 +371,9 @@ mod tests {
             ca_file: PathBuf::from("/nonexistent/ca.crt"),
             ..GatewayArgs::default()
         };
-        assert!(matches!(build_upstream(&args), Err(Error::ReadCa(..))));
+        assert!(matches!(
+            build_upstream(&args),
+            Err(Error::Upstream(crate::kube::ConfigError::Read(..)))
+        ));
     }
 }

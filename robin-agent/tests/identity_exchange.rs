@@ -1,5 +1,4 @@
 //! `exchange` source against a real HTTPS OAuth token endpoint double (test CA from rcgen).
-mod identity_common;
 
 use std::{
     collections::HashMap,
@@ -11,10 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use identity_common::*;
 use robin_agent::identity::{
     IdentityContext, IdentityError, SourceConfig, build_source_with, http::HttpError,
 };
+use robin_e2e::token_endpoint::*;
 use serde_json::json;
 
 #[derive(serde::Deserialize)]
@@ -28,7 +27,8 @@ fn parse(toml_src: &str) -> SourceConfig {
 
 struct Fixture {
     ctx: IdentityContext,
-    dir: std::path::PathBuf,
+    /// Holds the files below until the test ends.
+    _dir: robin_e2e::TempDir,
     ca_file: std::path::PathBuf,
     subject_file: std::path::PathBuf,
     ca: TestCa,
@@ -37,13 +37,13 @@ struct Fixture {
 fn fixture(name: &str) -> Fixture {
     let dir = scratch(name);
     let ca = test_ca();
-    let ca_file = dir.join("ca.pem");
+    let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
-    let subject_file = dir.join("subject");
+    let subject_file = dir.path().join("subject");
     std::fs::write(&subject_file, "subject.jwt.value\n").unwrap();
     Fixture {
-        ctx: context(dir.clone()),
-        dir,
+        ctx: context(dir.path().to_owned()),
+        _dir: dir,
         ca_file,
         subject_file,
         ca,
@@ -138,7 +138,6 @@ async fn token_exchange_sends_rfc8693_parameters_and_caches() {
         assert_eq!(form.get(k).map(String::as_str), Some(v), "parameter {k}");
     }
     assert_eq!(form.len(), expect.len());
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -170,7 +169,6 @@ async fn jwt_client_assertion_sends_rfc7523_parameters() {
     }
     assert_eq!(form.len(), expect.len());
     assert!(!form.contains_key("subject_token"));
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -194,7 +192,6 @@ async fn audience_per_destination_gives_different_tokens() {
     assert_eq!(a.token().await.unwrap(), ta);
     assert_eq!(b.token().await.unwrap(), tb);
     assert_eq!(count(&calls), 2);
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -212,7 +209,6 @@ async fn refreshes_ahead_of_expiry() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(src.token().await.unwrap().expose(), "tok-x-2");
     assert_eq!(count(&calls), 2);
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -246,7 +242,6 @@ async fn serves_still_valid_token_on_failure_and_refuses_expired() {
     // Past expiry: an error, never the expired token.
     let err = src.token().await.unwrap_err();
     assert!(err.to_string().contains("temporarily_unavailable"), "{err}");
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -284,7 +279,6 @@ async fn two_hundred_callers_at_expiry_cause_one_fetch() {
     }
     assert_eq!(done, 200);
     assert_eq!(count(&calls), 2);
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -314,7 +308,6 @@ async fn oauth_error_code_is_sanitized_and_surfaced() {
     let msg = err.to_string();
     assert!(msg.contains("invalid_grant") && !msg.contains('\r') && !msg.contains('\n'));
     assert!(!msg.contains("subject.jwt.value"));
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -354,7 +347,6 @@ async fn redirect_is_not_followed() {
         "{err}"
     );
     assert_eq!(count(&target_calls), 0);
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -403,7 +395,6 @@ async fn plain_http_endpoint_is_refused_unless_loopback_and_allowed() {
     )
     .unwrap();
     assert_eq!(src.token().await.unwrap().expose(), "plain");
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -423,7 +414,6 @@ async fn crlf_token_from_endpoint_is_refused() {
     let src = build_source_with(&rule(&f, &url, "token_exchange", ""), &f.ctx).unwrap();
     let err = src.token().await.unwrap_err();
     assert!(matches!(err, IdentityError::Invalid { .. }), "{err}");
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -452,7 +442,6 @@ async fn slow_endpoint_times_out() {
         ),
         "{err}"
     );
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -469,7 +458,6 @@ async fn untrusted_certificate_is_refused() {
     assert!(src.token().await.is_err());
     assert_eq!(count(&calls), 0);
     assert!(Path::new(&f.ca_file).exists());
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }
 
 #[tokio::test]
@@ -499,5 +487,4 @@ async fn oversized_response_is_refused() {
         ),
         "{err}"
     );
-    std::fs::remove_dir_all(&f.dir).unwrap();
 }

@@ -1,6 +1,5 @@
 //! `spiffe` source against a Workload API double: hyper http2 over a temp Unix socket speaking
 //! gRPC framing with the same prost messages.
-mod identity_common;
 
 use std::{
     convert::Infallible,
@@ -18,13 +17,13 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use identity_common::*;
 use robin_agent::identity::{
     IdentityContext, PodRef, SourceConfig, build_source_with,
     spiffe::{
         FETCH_JWT_SVID_PATH, FETCH_JWT_SVIDS_PATH, SpiffeConfig, grpc_frame, grpc_unframe, proto,
     },
 };
+use robin_e2e::token_endpoint::*;
 use serde_json::json;
 
 /// A response body: one data frame, then trailers.
@@ -161,14 +160,19 @@ fn workload_api(socket: PathBuf, status: u32) -> (Arc<Mutex<Seen>>, Arc<AtomicUs
 fn setup(
     name: &str,
     status: u32,
-) -> (IdentityContext, PathBuf, Arc<Mutex<Seen>>, Arc<AtomicUsize>) {
+) -> (
+    IdentityContext,
+    robin_e2e::TempDir,
+    Arc<Mutex<Seen>>,
+    Arc<AtomicUsize>,
+) {
     let dir = scratch(name);
-    let socket = dir.join("agent.sock");
+    let socket = dir.path().join("agent.sock");
     let (seen, calls) = workload_api(socket.clone(), status);
     // The default socket comes from ROBIN_SPIFFE_SOCKET, read through a lookup, not set_var.
     let env = socket.display().to_string();
     let mut ctx = IdentityContext::from_env(|k| (k == "ROBIN_SPIFFE_SOCKET").then(|| env.clone()));
-    ctx.http = context(dir.clone()).http;
+    ctx.http = context(dir.path().to_owned()).http;
     (ctx, dir, seen, calls)
 }
 
@@ -181,7 +185,7 @@ fn spiffe(audience: &str) -> SourceConfig {
 
 #[tokio::test]
 async fn fetches_jwt_svid_with_metadata_and_caches_by_exp() {
-    let (ctx, dir, seen, calls) = setup("svid", 0);
+    let (ctx, _dir, seen, calls) = setup("svid", 0);
     let src = build_source_with(&spiffe("https://vault.example"), &ctx).unwrap();
     let t1 = src.token().await.unwrap();
     assert_eq!(t1.expose().split('.').count(), 3);
@@ -194,29 +198,26 @@ async fn fetches_jwt_svid_with_metadata_and_caches_by_exp() {
         vec!["https://vault.example".to_owned()]
     );
     assert_eq!(seen.requests[0].spiffe_id, "");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
 async fn two_audiences_give_two_svids() {
-    let (ctx, dir, _, calls) = setup("svid-aud", 0);
+    let (ctx, _dir, _, calls) = setup("svid-aud", 0);
     let a = build_source_with(&spiffe("a"), &ctx).unwrap();
     let b = build_source_with(&spiffe("b"), &ctx).unwrap();
     let (ta, tb) = (a.token().await.unwrap(), b.token().await.unwrap());
     assert_ne!(ta, tb);
     assert_eq!(a.token().await.unwrap(), ta);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
 async fn grpc_error_status_is_reported() {
-    let (ctx, dir, _, _) = setup("svid-err", 7);
+    let (ctx, _dir, _, _) = setup("svid-err", 7);
     let src = build_source_with(&spiffe("a"), &ctx).unwrap();
     let err = src.token().await.unwrap_err().to_string();
     assert!(err.contains("grpc-status \"7\""), "{err}");
     assert!(err.contains("denied"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
@@ -235,7 +236,7 @@ async fn missing_socket_is_a_config_error_and_absent_socket_fails_fast() {
 
 #[tokio::test]
 async fn delegated_mode_fetches_for_the_pod_by_selector() {
-    let (mut ctx, dir, seen, calls) = setup("svid-delegated", 0);
+    let (mut ctx, _dir, seen, calls) = setup("svid-delegated", 0);
     ctx.pod = Some(PodRef {
         namespace: "shop".into(),
         name: "web-0".into(),
@@ -313,7 +314,6 @@ async fn delegated_mode_fetches_for_the_pod_by_selector() {
     assert!(build_source_with(&bad, &ctx).is_err());
     ctx.pod = None;
     assert!(build_source_with(&cfg, &ctx).is_err());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// `robin proxy` with `ROBIN_TOKEN_SOURCE=jwtsvid`: its settings map to a `spiffe` source that
@@ -323,7 +323,7 @@ async fn delegated_mode_fetches_for_the_pod_by_selector() {
 async fn sidecar_jwtsvid_settings_fetch_the_audience_from_their_socket() {
     use robin_agent::sidecar::{env, inject_rule};
     let (ctx, dir, seen, _) = setup("sidecar", 0);
-    let socket = format!("unix://{}", dir.join("agent.sock").display());
+    let socket = format!("unix://{}", dir.path().join("agent.sock").display());
     let vars: std::collections::BTreeMap<String, String> = [
         (env::ENV_UPSTREAM_URL, "https://api.example.com"),
         (env::ENV_TOKEN_SOURCE, "jwtsvid"),
@@ -346,5 +346,4 @@ async fn sidecar_jwtsvid_settings_fetch_the_audience_from_their_socket() {
         seen.lock().unwrap().requests[0].audience,
         vec!["https://api.example.com".to_owned()]
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,12 +1,11 @@
 //! `token_request` source against a Kubernetes API double (HTTPS with a test CA).
-mod identity_common;
 
 use std::sync::{Arc, Mutex};
 
-use identity_common::*;
 use robin_agent::identity::{
     IdentityContext, IdentityError, PodRef, SourceConfig, build_source_with,
 };
+use robin_e2e::token_endpoint::*;
 use serde_json::json;
 
 #[derive(serde::Deserialize)]
@@ -23,7 +22,7 @@ struct Call {
 
 struct Api {
     ctx: IdentityContext,
-    dir: std::path::PathBuf,
+    dir: robin_e2e::TempDir,
     url: String,
     calls: Arc<Mutex<Vec<Call>>>,
     agent_token: String,
@@ -35,9 +34,9 @@ async fn api(name: &str, status: u16) -> Api {
     let dir = scratch(name);
     let ca = test_ca();
     let agent_token = jwt(3600, json!({"sub": "system:serviceaccount:apps:robin"}));
-    std::fs::write(dir.join("namespace"), "apps\n").unwrap();
-    std::fs::write(dir.join("token"), &agent_token).unwrap();
-    std::fs::write(dir.join("ca.crt"), &ca.ca_pem).unwrap();
+    std::fs::write(dir.path().join("namespace"), "apps\n").unwrap();
+    std::fs::write(dir.path().join("token"), &agent_token).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &ca.ca_pem).unwrap();
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let c = calls.clone();
     let (addr, _) = serve(
@@ -72,7 +71,7 @@ async fn api(name: &str, status: u16) -> Api {
     )
     .await;
     Api {
-        ctx: context(dir.clone()),
+        ctx: context(dir.path().to_owned()),
         dir,
         url: format!("https://localhost:{}", addr.port()),
         calls,
@@ -107,7 +106,6 @@ async fn standalone_defaults_from_mounted_service_account() {
     assert_eq!(call.body["spec"]["audiences"], json!(["vault"]));
     assert_eq!(call.body["spec"]["expirationSeconds"], 600);
     assert!(call.body["spec"].get("boundObjectRef").is_none());
-    std::fs::remove_dir_all(&a.dir).unwrap();
 }
 
 #[tokio::test]
@@ -132,7 +130,7 @@ async fn pod_known_binds_token_and_credential_is_reread() {
         3600,
         json!({"sub": "system:serviceaccount:apps:robin", "rotated": true}),
     );
-    std::fs::write(a.dir.join("token"), &rotated).unwrap();
+    std::fs::write(a.dir.path().join("token"), &rotated).unwrap();
     let t2 = two.token().await.unwrap();
     assert_ne!(t1, t2);
     let calls = a.calls.lock().unwrap().clone();
@@ -148,7 +146,6 @@ async fn pod_known_binds_token_and_credential_is_reread() {
     assert_eq!(calls[0].auth, format!("Bearer {}", a.agent_token));
     assert_eq!(calls[1].auth, format!("Bearer {rotated}"));
     assert_eq!(calls[1].body["spec"]["audiences"], json!(["b"]));
-    std::fs::remove_dir_all(&a.dir).unwrap();
 }
 
 #[tokio::test]
@@ -170,7 +167,6 @@ async fn api_error_is_reported_sanitized() {
         "{msg}"
     );
     assert!(!msg.contains(&a.agent_token));
-    std::fs::remove_dir_all(&a.dir).unwrap();
 }
 
 #[tokio::test]
@@ -187,7 +183,6 @@ async fn config_rejects_unknown_fields_and_bad_names() {
         build_source_with(&cfg, &a.ctx),
         Err(IdentityError::Config(_))
     ));
-    std::fs::remove_dir_all(&a.dir).unwrap();
 }
 
 /// A token bound to a pod must be for the pod's own namespace and ServiceAccount (the API server
@@ -228,5 +223,4 @@ async fn pod_known_explicit_account_must_be_the_pods() {
         a.calls.lock().unwrap()[0].path,
         "/api/v1/namespaces/shop/serviceaccounts/web/token"
     );
-    std::fs::remove_dir_all(&a.dir).unwrap();
 }

@@ -1,10 +1,9 @@
 //! A proxy built for a pod (`robin node`) acts for that pod: its `token_request` source asks
-//! the Kubernetes API (an in-process double) for the pod's ServiceAccount token bound to the
+//! the Kubernetes API (the test kit's fake API server) for the pod's ServiceAccount token bound to the
 //! pod, and an `exchange` over such a source never hands one pod's exchanged token to another.
 //! All pods share one token cache.
 #[path = "proxy_support/harness.rs"]
 mod harness;
-mod identity_common;
 
 use std::{
     path::Path,
@@ -13,23 +12,16 @@ use std::{
 
 use base64::Engine as _;
 use harness::{Env, HOST, front, get, h1, header, tls_connect, upstream_tls, within};
-use identity_common::{Req, Resp, handler, jwt, serve};
 use robin_agent::{
     config::{self, ConfigArgs},
     identity::{CachePolicy, IdentityContext, PodRef, SourceConfig, build_source_with},
     proxy::{Dialer, Limits, Proxy},
 };
+use robin_e2e::fake_api::FakeApi;
+use robin_e2e::token_endpoint::{Req, Resp, handler, jwt, serve};
 use serde_json::{Value, json};
 
 const H1: &[&[u8]] = &[b"http/1.1"];
-
-#[derive(Clone, Debug)]
-struct Call {
-    path: String,
-    body: Value,
-}
-
-type Calls = Arc<Mutex<Vec<Call>>>;
 
 fn pod(namespace: &str, name: &str, uid: &str, sa: &str) -> PodRef {
     PodRef {
@@ -51,58 +43,22 @@ fn claims(token: &str) -> Value {
     .unwrap()
 }
 
-/// A plain-http Kubernetes API double on loopback: records every TokenRequest and mints a
-/// JWT naming the ServiceAccount from the path and the pod from `boundObjectRef`.
-async fn kube_api() -> (String, Calls) {
-    let calls: Calls = Arc::default();
-    let c = calls.clone();
-    let (addr, _) = serve(
-        handler(move |req: Req| {
-            let c = c.clone();
-            async move {
-                let body: Value = serde_json::from_slice(&req.body).unwrap();
-                let parts: Vec<&str> = req.path.split('/').collect();
-                let (ns, sa) = match parts[..] {
-                    [
-                        "",
-                        "api",
-                        "v1",
-                        "namespaces",
-                        ns,
-                        "serviceaccounts",
-                        sa,
-                        "token",
-                    ] => (ns.to_owned(), sa.to_owned()),
-                    _ => return Resp::json(404, json!({"kind": "Status", "reason": "NotFound"})),
-                };
-                let n = {
-                    let mut c = c.lock().unwrap();
-                    c.push(Call {
-                        path: req.path.clone(),
-                        body: body.clone(),
-                    });
-                    c.len()
-                };
-                let bound = &body["spec"]["boundObjectRef"];
-                let token = jwt(
-                    3600,
-                    json!({
-                        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-                        "aud": body["spec"]["audiences"],
-                        "pod": bound["name"],
-                        "uid": bound["uid"],
-                        "n": n,
-                    }),
-                );
-                let mut resp = body;
-                resp["status"] = json!({"token": token});
-                Resp::json(201, resp)
-            }
-        }),
-        None,
-    )
-    .await;
-    (format!("http://127.0.0.1:{}", addr.port()), calls)
+/// The kit's fake API server knowing `pods` (it binds a token only to a pod it knows, with
+/// that pod's uid and ServiceAccount, as the API server does).
+fn kube_api(pods: &[&PodRef]) -> FakeApi {
+    let api = FakeApi::start();
+    for p in pods {
+        api.upsert(json!({
+            "metadata": {"namespace": p.namespace, "name": p.name, "uid": p.uid},
+            "spec": {"serviceAccountName": p.service_account},
+        }));
+    }
+    api
+}
+
+/// The pod a minted token is bound to, from its claims.
+fn bound_pod(claims: &Value) -> &Value {
+    &claims["kubernetes.io"]["pod"]
 }
 
 /// `source = { kind = "token_request", ... }` against `api`, with the agent's credential in
@@ -149,12 +105,12 @@ async fn authorization_seen(env: &Env, proxy: Proxy, upstream: std::net::SocketA
 async fn proxy_for_a_pod_requests_that_pods_token_bound_to_it() {
     let env = Env::new("pod-identity");
     let up = upstream_tls(&env.upstream_ca).await;
-    let (api, calls) = kube_api().await;
-    let cfg = proxy_config(&env, &token_request(&env, &api, "broker"));
-    // One process-wide context, one cache; each pod's proxy gets a context bound to it.
-    let agent = IdentityContext::new(CachePolicy::default());
     let a = pod("shop", "web-0", "uid-a", "web");
     let b = pod("billing", "pay-0", "uid-b", "default");
+    let api = kube_api(&[&a, &b]);
+    let cfg = proxy_config(&env, &token_request(&env, &api.url(), "broker"));
+    // One process-wide context, one cache; each pod's proxy gets a context bound to it.
+    let agent = IdentityContext::new(CachePolicy::default());
     let build = |p: &PodRef| {
         Proxy::with_dialer_and_identity(
             &cfg,
@@ -173,8 +129,8 @@ async fn proxy_for_a_pod_requests_that_pods_token_bound_to_it() {
     assert_ne!(tok_a, tok_b);
     for (tok, p, sa) in [(tok_a, &a, "web"), (tok_b, &b, "default")] {
         let c = claims(tok);
-        assert_eq!(c["pod"], p.name.as_str(), "{c}");
-        assert_eq!(c["uid"], p.uid.as_str(), "{c}");
+        assert_eq!(bound_pod(&c)["name"], p.name.as_str(), "{c}");
+        assert_eq!(bound_pod(&c)["uid"], p.uid.as_str(), "{c}");
         assert_eq!(
             c["sub"],
             format!("system:serviceaccount:{}:{sa}", p.namespace),
@@ -183,21 +139,18 @@ async fn proxy_for_a_pod_requests_that_pods_token_bound_to_it() {
         assert_eq!(c["aud"], json!(["broker"]), "{c}");
     }
 
-    let calls = calls.lock().unwrap().clone();
+    let calls = api.token_requests();
     assert_eq!(calls.len(), 2, "{calls:?}");
     for (call, p, sa) in [(&calls[0], &a, "web"), (&calls[1], &b, "default")] {
         assert_eq!(
-            call.path,
-            format!(
-                "/api/v1/namespaces/{}/serviceaccounts/{sa}/token",
-                p.namespace
-            )
+            (call.namespace.as_str(), call.service_account.as_str()),
+            (p.namespace.as_str(), sa)
         );
         assert_eq!(
-            call.body["spec"]["boundObjectRef"],
+            call.request["spec"]["boundObjectRef"],
             json!({"kind": "Pod", "apiVersion": "v1", "name": p.name, "uid": p.uid})
         );
-        assert_eq!(call.body["spec"]["audiences"], json!(["broker"]));
+        assert_eq!(call.request["spec"]["audiences"], json!(["broker"]));
     }
     // Two pods, two entries in the one shared cache.
     assert_eq!(agent.cache.len(), 2);
@@ -208,7 +161,7 @@ async fn proxy_for_a_pod_requests_that_pods_token_bound_to_it() {
     assert_eq!(agent.cache.len(), 2);
 }
 
-/// The exchange double: answers a JWT recording which subject token (by its `n`) it traded.
+/// The exchange double: answers a JWT recording which pod's subject token it traded.
 async fn sts() -> (String, Arc<Mutex<Vec<String>>>) {
     let subjects: Arc<Mutex<Vec<String>>> = Arc::default();
     let s = subjects.clone();
@@ -222,7 +175,7 @@ async fn sts() -> (String, Arc<Mutex<Vec<String>>>) {
                 Resp::json(
                     200,
                     json!({
-                        "access_token": jwt(600, json!({"for_pod": traded["pod"], "from_n": traded["n"]})),
+                        "access_token": jwt(600, json!({"for_pod": bound_pod(&traded)["name"], "from": traded["jti"]})),
                         "token_type": "Bearer",
                         "expires_in": 600,
                     }),
@@ -238,11 +191,14 @@ async fn sts() -> (String, Arc<Mutex<Vec<String>>>) {
 #[tokio::test]
 async fn exchange_over_a_per_pod_inner_source_keeps_pods_apart() {
     let env = Env::new("pod-exchange");
-    let (api, calls) = kube_api().await;
+    // Same namespace and ServiceAccount: only the pod (name, uid) tells them apart.
+    let a = pod("shop", "web-0", "uid-a", "web");
+    let b = pod("shop", "web-1", "uid-b", "web");
+    let api = kube_api(&[&a, &b]);
     let (endpoint, subjects) = sts().await;
     let src = format!(
         r#"source = {{ kind = "exchange", grant = "token_exchange", token_endpoint = "{endpoint}", allow_insecure_http = true, audience = "billing", inner = {} }}"#,
-        token_request(&env, &api, "sts")
+        token_request(&env, &api.url(), "sts")
     );
     #[derive(serde::Deserialize)]
     struct Rule {
@@ -250,9 +206,6 @@ async fn exchange_over_a_per_pod_inner_source_keeps_pods_apart() {
     }
     let cfg = toml::from_str::<Rule>(&src).unwrap().source;
     let agent = IdentityContext::new(CachePolicy::default());
-    // Same namespace and ServiceAccount: only the pod (name, uid) tells them apart.
-    let a = pod("shop", "web-0", "uid-a", "web");
-    let b = pod("shop", "web-1", "uid-b", "web");
     let src_a = build_source_with(&cfg, &agent.for_pod(a.clone())).unwrap();
     let src_b = build_source_with(&cfg, &agent.for_pod(b.clone())).unwrap();
     assert_ne!(src_a.cache_key(), src_b.cache_key());
@@ -264,7 +217,7 @@ async fn exchange_over_a_per_pod_inner_source_keeps_pods_apart() {
     assert_eq!(claims(tok_b.expose())["for_pod"], "web-1");
     // A again: both layers cached, nothing new fetched.
     assert_eq!(src_a.token().await.unwrap(), tok_a);
-    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(api.token_requests().len(), 2);
     let subjects = subjects.lock().unwrap().clone();
     assert_eq!(subjects.len(), 2);
     assert_ne!(subjects[0], subjects[1]);

@@ -351,7 +351,10 @@ fn serve_token_request(mut conn: TcpStream, head: &str, target: &str, state: &Mu
         b64url(claims.to_string().as_bytes())
     );
     let mut answer = request.clone();
-    answer["status"] = json!({"token": token, "expirationTimestamp": exp});
+    let expires = k8s_openapi::jiff::Timestamp::from_second(exp as i64)
+        .expect("a time within the next hours")
+        .to_string();
+    answer["status"] = json!({"token": token, "expirationTimestamp": expires});
     state.minted.push(MintedToken {
         namespace,
         service_account: sa,

@@ -17,6 +17,7 @@ use std::{
 pub mod fake_api;
 pub mod node_fixture;
 pub mod pki;
+pub mod token_endpoint;
 
 pub use robin_agent::capture::{Cgroup, NetNs, find_cgroup2_mount};
 pub use tempfile::TempDir;

@@ -170,7 +170,6 @@ impl ExchangeSource {
             .post(
                 &self.cfg.token_endpoint,
                 "application/x-www-form-urlencoded",
-                None,
                 body,
             )
             .await

@@ -1,7 +1,7 @@
-//! The hardened outbound client identity sources use to reach token endpoints and the
-//! Kubernetes API: one request per connection, https only (plain http only to loopback or
-//! in-cluster `*.svc` hosts when the rule allows it), no redirects, no proxy environment
-//! variables, bounded time and bounded response size.
+//! The hardened outbound client `exchange` uses to reach OAuth token endpoints (the Kubernetes
+//! API goes through `crate::kube::Endpoint`): one request per connection, https only (plain
+//! http only to loopback or in-cluster `*.svc` hosts when the rule allows it), no redirects, no
+//! proxy environment variables, bounded time and bounded response size.
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -10,12 +10,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+pub use crate::secret::sanitize;
 
 /// Token responses are small; anything larger is refused rather than buffered.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
@@ -148,10 +150,6 @@ impl HttpClient {
         })
     }
 
-    pub fn settings(&self) -> &HttpSettings {
-        &self.settings
-    }
-
     /// Checks scheme and host without sending anything (also used at build time so a bad rule
     /// fails at startup).
     pub fn check_url(&self, url: &str) -> Result<(), HttpError> {
@@ -198,7 +196,6 @@ impl HttpClient {
         &self,
         url: &str,
         content_type: &'static str,
-        bearer: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Response, HttpError> {
         let target = self.target(url)?;
@@ -207,20 +204,14 @@ impl HttpClient {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".to_owned());
-        let mut builder = Request::builder()
+        let request = Request::builder()
             .method(Method::POST)
             .uri(path)
             .header(header::HOST, target.authority.as_str())
             .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, "robin-agent");
-        if let Some(token) = bearer {
-            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| HttpError::BadUrl("<bearer credential>".to_owned()))?;
-            value.set_sensitive(true);
-            builder = builder.header(header::AUTHORIZATION, value);
-        }
-        let request = builder.body(Full::new(Bytes::from(body)))?;
+            .header(header::USER_AGENT, "robin-agent")
+            .body(Full::new(Bytes::from(body)))?;
         let host = target.host.clone();
         match tokio::time::timeout(self.settings.total_timeout, self.send(target, request)).await {
             Ok(result) => result,
@@ -314,20 +305,6 @@ fn insecure_host_ok(host: &str) -> bool {
     }
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     host == "localhost" || host.ends_with(".svc") || host.ends_with(".svc.cluster.local")
-}
-
-/// Makes a remote-controlled string safe to log or show: printable ASCII only, at most `max`
-/// characters.
-pub fn sanitize(raw: &str, max: usize) -> String {
-    let mut out: String = raw
-        .chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(max)
-        .collect();
-    if raw.chars().count() > max {
-        out.push_str("...");
-    }
-    out
 }
 
 /// `application/x-www-form-urlencoded` encoding of name/value pairs.

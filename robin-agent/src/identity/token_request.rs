@@ -1,17 +1,21 @@
 //! The `token_request` source: asks the Kubernetes API for a ServiceAccount token with a given
 //! audience (`POST /api/v1/namespaces/{ns}/serviceaccounts/{sa}/token`), bound to the pod when
-//! the agent knows it. Plain JSON over the hardened client; no Kubernetes client library.
-use std::{path::PathBuf, time::Duration};
+//! the agent knows it. The request and response are k8s-openapi's `TokenRequest`, sent
+//! through [`crate::kube::Endpoint`]: kube-rs, with the agent's credential read per call.
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use serde::Deserialize;
 
 use super::{
     IdentityContext, IdentityError, IdentitySource, PodRef, Token, TokenFuture,
     cache::{CacheKey, Fetched, TokenCache},
-    http::{HttpClient, sanitize},
     jwt_claims, jwt_lifetime,
 };
-use std::sync::Arc;
+use crate::{
+    kube::{CallError, CallLimits, Endpoint, EndpointConfig},
+    secret::sanitize,
+};
 
 pub const DEFAULT_API_SERVER: &str = "https://kubernetes.default.svc";
 
@@ -41,17 +45,19 @@ pub struct TokenRequestConfig {
     /// The agent's credential for the API server; defaults to the mounted `token`, re-read on
     /// every fetch (it rotates).
     pub token_file: Option<PathBuf>,
+    /// Plain `http://` to a loopback `api_server` (a test double, `kubectl proxy`); never
+    /// anywhere else.
     #[serde(default)]
     pub allow_insecure_http: bool,
 }
 
 pub struct TokenRequestSource {
-    url: String,
+    endpoint: Endpoint,
+    namespace: String,
+    service_account: String,
     audience: String,
     expiration_seconds: u64,
-    token_file: PathBuf,
     pod: Option<PodRef>,
-    client: HttpClient,
     cache: Arc<TokenCache>,
     key: CacheKey,
 }
@@ -60,48 +66,6 @@ impl std::fmt::Debug for TokenRequestSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
     }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TokenRequest<'a> {
-    api_version: &'static str,
-    kind: &'static str,
-    spec: Spec<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Spec<'a> {
-    audiences: [&'a str; 1],
-    expiration_seconds: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bound_object_ref: Option<BoundObjectRef<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct BoundObjectRef<'a> {
-    kind: &'static str,
-    api_version: &'static str,
-    name: &'a str,
-    uid: &'a str,
-}
-
-#[derive(Deserialize)]
-struct TokenRequestResponse {
-    status: Option<Status>,
-}
-
-#[derive(Deserialize)]
-struct Status {
-    token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ApiStatus {
-    message: Option<String>,
-    reason: Option<String>,
 }
 
 /// A Kubernetes object name segment: DNS-1123 label characters only, so it cannot alter the path.
@@ -125,19 +89,21 @@ impl TokenRequestSource {
         check_pod_binding(pod.as_ref(), &namespace, &service_account)?;
         check_names(&namespace, &service_account)?;
         check_request(cfg)?;
-        let (client, url) = api_client(cfg, ctx, &namespace, &service_account)?;
+        let endpoint = api_endpoint(cfg, ctx, token_file)?;
         let pod_uid = pod.as_ref().map(|p| p.uid.as_str()).unwrap_or("");
         let key = CacheKey(format!(
-            "token_request|{url}|aud={}|exp={}|pod={pod_uid}",
-            cfg.audience, cfg.expiration_seconds
+            "token_request|{}|{namespace}/{service_account}|aud={}|exp={}|pod={pod_uid}",
+            endpoint.server(),
+            cfg.audience,
+            cfg.expiration_seconds
         ));
         Ok(Self {
-            url,
+            endpoint,
+            namespace,
+            service_account,
             audience: cfg.audience.clone(),
             expiration_seconds: cfg.expiration_seconds,
-            token_file,
             pod,
-            client,
             cache: ctx.cache.clone(),
             key,
         })
@@ -145,88 +111,71 @@ impl TokenRequestSource {
 
     async fn fetch(&self) -> Result<Fetched, IdentityError> {
         let origin = self.describe();
-        // Re-read each time: the agent's own projected token rotates.
-        let credential = tokio::fs::read_to_string(&self.token_file)
+        let protocol = |detail: String| IdentityError::Protocol {
+            origin: origin.clone(),
+            detail,
+        };
+        let body = self
+            .endpoint
+            .call(self.request()?)
             .await
-            .map_err(|source| IdentityError::Read {
-                path: self.token_file.clone(),
-                source,
+            .map_err(|e| match e {
+                CallError::ReadCredential { path, source } => IdentityError::Read { path, source },
+                CallError::InvalidCredential { path, source } => IdentityError::Invalid {
+                    origin: format!("agent credential {}", path.display()),
+                    source,
+                },
+                other => protocol(other.to_string()),
             })?;
-        let credential = Token::parse(&credential).map_err(|source| IdentityError::Invalid {
-            origin: format!("agent credential {}", self.token_file.display()),
+        // serde_json's message names a position and a category, never the token.
+        let parsed: TokenRequest = serde_json::from_slice(&body)
+            .map_err(|e| protocol(format!("bad TokenRequest json: {e}")))?;
+        let raw = parsed.status.map(|s| s.token).unwrap_or_default();
+        let token = Token::parse(&raw).map_err(|source| IdentityError::Invalid {
+            origin: origin.clone(),
             source,
         })?;
-        let body = TokenRequest {
-            api_version: "authentication.k8s.io/v1",
-            kind: "TokenRequest",
-            spec: Spec {
-                audiences: [&self.audience],
-                expiration_seconds: self.expiration_seconds,
-                bound_object_ref: self.pod.as_ref().map(|p| BoundObjectRef {
-                    kind: "Pod",
-                    api_version: "v1",
-                    name: &p.name,
-                    uid: &p.uid,
-                }),
-            },
-        };
-        let body = serde_json::to_vec(&body).expect("serializing a TokenRequest cannot fail");
-        let resp = self
-            .client
-            .post(
-                &self.url,
-                "application/json",
-                Some(credential.expose()),
-                body,
-            )
-            .await
-            .map_err(|source| IdentityError::Http {
-                origin: origin.clone(),
-                source,
-            })?;
-        if !resp.status.is_success() {
-            let detail = serde_json::from_slice::<ApiStatus>(&resp.body)
-                .ok()
-                .map(|s| {
-                    format!(
-                        "{} {}",
-                        s.reason.unwrap_or_default(),
-                        s.message.unwrap_or_default()
-                    )
-                })
-                .unwrap_or_default();
-            return Err(IdentityError::Protocol {
-                origin,
-                detail: format!(
-                    "status {}: {}",
-                    resp.status.as_u16(),
-                    sanitize(detail.trim(), 128)
-                ),
-            });
-        }
-        let parsed: TokenRequestResponse =
-            serde_json::from_slice(&resp.body).map_err(|e| IdentityError::Protocol {
-                origin: origin.clone(),
-                detail: format!("bad TokenRequest json: {e}"),
-            })?;
-        let raw = parsed
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| IdentityError::Protocol {
-                origin: origin.clone(),
-                detail: "TokenRequest status has no token".into(),
-            })?;
-        let token =
-            Token::parse(&raw).map_err(|source| IdentityError::Invalid { origin, source })?;
         // The API server may shorten the lifetime; the token's own exp is authoritative.
         let lifetime = jwt_lifetime(&token).unwrap_or(Duration::from_secs(self.expiration_seconds));
         Ok(Fetched { token, lifetime })
+    }
+
+    /// `POST .../serviceaccounts/{sa}/token`, bound to the pod when there is one.
+    fn request(&self) -> Result<http::Request<Vec<u8>>, IdentityError> {
+        let body = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![self.audience.clone()],
+                expiration_seconds: Some(self.expiration_seconds as i64),
+                bound_object_ref: self.pod.as_ref().map(|p| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(p.name.clone()),
+                    uid: Some(p.uid.clone()),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let body = serde_json::to_vec(&body).expect("serializing a TokenRequest cannot fail");
+        let path = format!(
+            "/api/v1/namespaces/{}/serviceaccounts/{}/token",
+            self.namespace, self.service_account
+        );
+        http::Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|e| IdentityError::Config(format!("token_request: {e}")))
     }
 }
 
 impl IdentitySource for TokenRequestSource {
     fn describe(&self) -> String {
-        format!("token_request:{} aud={}", self.url, self.audience)
+        format!(
+            "token_request:{}/{}/{} aud={}",
+            self.endpoint.server(),
+            self.namespace,
+            self.service_account,
+            self.audience
+        )
     }
 
     fn token(&self) -> TokenFuture<'_> {
@@ -316,28 +265,29 @@ fn check_request(cfg: &TokenRequestConfig) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// The hardened client and the token endpoint URL, checked against it up front.
-fn api_client(
+/// The API server, checked and its CA read up front.
+fn api_endpoint(
     cfg: &TokenRequestConfig,
     ctx: &IdentityContext,
-    namespace: &str,
-    service_account: &str,
-) -> Result<(HttpClient, String), IdentityError> {
-    let http_err = |source| IdentityError::Http {
-        origin: "token_request".into(),
-        source,
-    };
+    token_file: PathBuf,
+) -> Result<Endpoint, IdentityError> {
     let ca_file = cfg
         .ca_file
         .clone()
         .unwrap_or_else(|| ctx.service_account_dir.join("ca.crt"));
-    let client = HttpClient::new(Some(&ca_file), cfg.allow_insecure_http, ctx.http.clone())
-        .map_err(http_err)?;
-    let base = cfg.api_server.trim_end_matches('/');
-    let url =
-        format!("{base}/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
-    client.check_url(&url).map_err(http_err)?;
-    Ok((client, url))
+    Endpoint::new(EndpointConfig {
+        url: &cfg.api_server,
+        ca_file: Some(&ca_file),
+        system_roots: false,
+        token_file,
+        allow_plain_loopback: cfg.allow_insecure_http,
+        limits: CallLimits {
+            connect_timeout: ctx.http.connect_timeout,
+            total_timeout: ctx.http.total_timeout,
+            max_body: ctx.http.max_body,
+        },
+    })
+    .map_err(|e| IdentityError::Config(format!("token_request api_server: {e}")))
 }
 
 fn read_small(path: &std::path::Path) -> Result<String, IdentityError> {

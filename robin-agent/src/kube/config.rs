@@ -58,6 +58,8 @@ pub enum ConfigError {
     Read(PathBuf, #[source] std::io::Error),
     #[error("{0} holds no usable CA certificate")]
     NoCa(PathBuf),
+    #[error("loading the system root certificates: none found")]
+    NoSystemRoots,
     #[error("token file {0}: {1}")]
     BadToken(PathBuf, &'static str),
     #[error("kubeconfig: no context selected (set current-context or pass --kube-context)")]
@@ -113,7 +115,7 @@ async fn config(
 }
 
 /// What Robin adds to any configuration before it becomes a client.
-fn harden(mut cfg: kube::Config) -> kube::Config {
+pub(super) fn harden(mut cfg: kube::Config) -> kube::Config {
     // kube-rs fills this from HTTPS_PROXY when a kubeconfig names none.
     cfg.proxy_url = None;
     cfg.read_timeout = Some(READ_IDLE);
@@ -121,7 +123,8 @@ fn harden(mut cfg: kube::Config) -> kube::Config {
 }
 
 /// `url` is `https://host:port` (verified against `ca`, else the system roots) or
-/// `http://host:port` (tests, or a local `kubectl proxy`).
+/// `http://host:port` on a loopback address (tests, or a local `kubectl proxy`): the one rule
+/// for plain HTTP to an API server, also in [`super::Endpoint`].
 fn flag_config(
     url: &str,
     token_file: Option<&Path>,
@@ -131,24 +134,28 @@ fn flag_config(
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(ConfigError::BadUrl(url.into()));
     }
+    refuse_remote_plain(&uri)?;
     let mut cfg = kube::Config::new(uri);
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| ConfigError::Read(ca.to_owned(), e))?;
-        let der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_slice())
-            .flatten()
-            .map(|c| c.to_vec())
-            .collect();
-        if der.is_empty() {
-            return Err(ConfigError::NoCa(ca.to_owned()));
-        }
-        cfg.root_cert = Some(der);
-    }
+    cfg.root_cert = ca.map(read_roots).transpose()?;
     if let Some(f) = token_file {
         check_token_file(f)?;
         // kube-rs re-reads a token file as it rotates.
         cfg.auth_info.token_file = Some(f.display().to_string());
     }
     Ok(cfg)
+}
+
+/// The DER certificates of a PEM bundle, for `kube::Config::root_cert`.
+pub(super) fn read_roots(ca: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let pem = std::fs::read(ca).map_err(|e| ConfigError::Read(ca.to_owned(), e))?;
+    let der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .flatten()
+        .map(|c| c.to_vec())
+        .collect();
+    if der.is_empty() {
+        return Err(ConfigError::NoCa(ca.to_owned()));
+    }
+    Ok(der)
 }
 
 /// kube-rs sends a token file's content verbatim: a trailing newline (`echo tok > file`) would
@@ -161,7 +168,7 @@ fn check_token_file(path: &Path) -> Result<(), ConfigError> {
             "leading or trailing whitespace (write the token without a newline)",
         ));
     }
-    crate::identity::Token::parse(&raw)
+    crate::secret::Token::parse(&raw)
         .map(drop)
         .map_err(|_| ConfigError::BadToken(path.to_owned(), "not a valid bearer token"))
 }
@@ -195,13 +202,18 @@ async fn from_kubeconfig(
         ..KubeConfigOptions::default()
     };
     let cfg = kube::Config::from_custom_kubeconfig(kc, &opts).await?;
-    if cfg.cluster_url.scheme_str() == Some("http") && !is_loopback(&cfg.cluster_url) {
+    refuse_remote_plain(&cfg.cluster_url)?;
+    Ok(cfg)
+}
+
+/// The one rule for plain HTTP to an API server: only to a loopback address.
+pub(super) fn refuse_remote_plain(uri: &http::Uri) -> Result<(), ConfigError> {
+    if uri.scheme_str() == Some("http") && !is_loopback(uri) {
         return Err(ConfigError::BadUrl(format!(
-            "{} (plain http only to loopback)",
-            cfg.cluster_url
+            "{uri} (plain http only to loopback)"
         )));
     }
-    Ok(cfg)
+    Ok(())
 }
 
 fn is_loopback(uri: &http::Uri) -> bool {
@@ -373,6 +385,7 @@ mod tests {
         );
         assert!(from_kubeconfig(&[local], None).await.is_ok());
         assert!(flag_config("http://127.0.0.1:8080", None, None).is_ok());
+        assert!(flag_config("http://10.0.0.1:8080", None, None).is_err());
         assert!(flag_config("ftp://x", None, None).is_err());
         assert!(matches!(
             flag_config("https://k", None, Some(&s.write("ca", "not a pem"))),

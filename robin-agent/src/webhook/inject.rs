@@ -5,7 +5,7 @@ use std::path::{Component, Path};
 
 use serde_json::{Value, json};
 
-use super::pod::{Container, Pod};
+use super::pod::{Container, ContainerView as _, Pod, PodView as _};
 use crate::node::annotations::{self, DEFAULT_TOKEN_PATH};
 
 pub const ANN_AUDIENCE: &str = "robin.dev/audience";
@@ -168,8 +168,8 @@ pub fn patch(pod: &Pod, s: &Settings) -> Result<Vec<Value>, InjectError> {
     let w = wanted(pod, s)?;
     let mut ops = annotations(pod, &w);
     volumes(pod, &w, s, &mut ops);
-    let inits = pod.spec.init_containers.as_deref().unwrap_or_default();
-    for (i, c) in pod.spec.containers.iter().enumerate() {
+    let inits = pod.spec().init_containers.as_deref().unwrap_or_default();
+    for (i, c) in pod.spec().containers.iter().enumerate() {
         container(c, &format!("/spec/containers/{i}"), &w, &mut ops)?;
     }
     for (i, c) in inits.iter().enumerate() {
@@ -180,7 +180,7 @@ pub fn patch(pod: &Pod, s: &Settings) -> Result<Vec<Value>, InjectError> {
     // Last: inserting at index 0 shifts the indices the operations above use.
     if !inits.iter().any(|c| c.name == AWAIT_CONTAINER) {
         let await_c = await_container(s, w.await_port);
-        ops.push(match pod.spec.init_containers {
+        ops.push(match pod.spec().init_containers {
             None => json!({"op": "add", "path": "/spec/initContainers", "value": [await_c]}),
             Some(_) => json!({"op": "add", "path": "/spec/initContainers/0", "value": await_c}),
         });
@@ -219,7 +219,7 @@ fn volumes(pod: &Pod, w: &Wanted, s: &Settings, ops: &mut Vec<Value>) {
     if (w.store.is_some() || w.java) && !pod.has_volume(TRUST_VOLUME) {
         add.push(json!({"name": TRUST_VOLUME, "configMap": {"name": s.trust_bundle}}));
     }
-    append(ops, "/spec/volumes", pod.spec.volumes.is_none(), add);
+    append(ops, "/spec/volumes", pod.spec().volumes.is_none(), add);
 }
 
 fn container(c: &Container, at: &str, w: &Wanted, ops: &mut Vec<Value>) -> Result<(), InjectError> {

@@ -1,6 +1,6 @@
-//! Shared doubles for the identity tests: an HTTP(S) server on 127.0.0.1 with a test CA, JWT
-//! and form helpers, and a context with short timeouts.
-#![allow(dead_code)]
+//! Token-endpoint doubles for the identity tests (OAuth token endpoints, STS, a TLS API
+//! server answering TokenRequests with chosen statuses): an HTTP(S) server on 127.0.0.1 running
+//! a handler, JWT and form helpers, and an identity context with short timeouts.
 use std::{
     collections::HashMap,
     future::Future,
@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use robin_agent::identity::{CachePolicy, HttpSettings, IdentityContext};
+use tempfile::TempDir;
 
 pub struct Req {
     pub method: Method,
@@ -68,7 +69,7 @@ pub struct TestCa {
 }
 
 pub fn test_ca() -> TestCa {
-    let ca = robin_e2e::pki::Ca::new("Identity Test CA");
+    let ca = crate::pki::Ca::new("Identity Test CA");
     TestCa {
         ca_pem: ca.pem(),
         server: ca.leaf(&["localhost", "127.0.0.1"]).server_config(&[]),
@@ -153,39 +154,17 @@ pub fn jwt(exp_in: i64, extra: serde_json::Value) -> String {
     )
 }
 
+/// The fields of an `application/x-www-form-urlencoded` body.
 pub fn form_decode(s: &str) -> HashMap<String, String> {
-    fn dec(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                    i += 2;
-                }
-                c => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8(out).unwrap()
-    }
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (dec(k), dec(v))
-        })
-        .collect()
+    form_urlencoded::parse(s.as_bytes()).into_owned().collect()
 }
 
-/// A fresh scratch directory per test.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("robin-id-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh scratch directory per test, removed when dropped (also when the test fails).
+pub fn scratch(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("robin-id-{name}-"))
+        .tempdir()
+        .expect("creating a scratch directory")
 }
 
 /// Short real-time knobs so refresh and expiry happen within a second or two.
