@@ -14,10 +14,15 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::kube::{CallLimits, Endpoint, EndpointConfig};
+use crate::{
+    conns::{self, Admitted, Connections},
+    kube::{CallLimits, Endpoint, EndpointConfig},
+    serve::Served,
+};
 
 pub mod cache;
 pub mod metrics;
@@ -176,56 +181,46 @@ impl Gateway {
         })
     }
 
-    /// Serves `listener` until `shutdown` resolves, then lets open connections finish (bounded
-    /// by [`DRAIN_TIMEOUT`]).
+    /// Serves `listener` on [`Served`] (the accept loop, connection cap and drain every mode
+    /// shares) until `shutdown` resolves, then lets open connections finish (bounded by
+    /// [`DRAIN_TIMEOUT`]).
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let (drain_tx, drain_rx) = watch::channel(false);
-        let mut connections = JoinSet::new();
-        let mut next_id: u64 = 0;
-        tokio::pin!(shutdown);
-        loop {
-            // Reap finished connection tasks so the set does not grow without bound.
-            while connections.try_join_next().is_some() {}
-            let (stream, client) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let cache = self.cache.clone();
-            let drain = drain_rx.clone();
-            next_id += 1;
-            let span = tracing::debug_span!("conn", id = next_id, %client);
-            connections.spawn(serve_connection(cache, stream, drain).instrument(span));
-        }
-        let _ = drain_tx.send(true);
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()));
+        let cache = self.cache.clone();
+        let draining = served.draining();
+        served.serve_listener(
+            listener,
+            move |stream, client: SocketAddr, conn| {
+                let span = tracing::debug_span!("conn", %client);
+                serve_connection(cache.clone(), stream, conn, draining.clone()).instrument(span)
+            },
+            tracing::info_span!("oidc-gateway"),
+        );
+        shutdown.await;
+        let remaining = served.drain(DRAIN_TIMEOUT).await;
+        if remaining > 0 {
             tracing::warn!(
-                remaining = connections.len(),
+                remaining,
                 "connections still open after the drain timeout; closing them"
             );
         }
     }
 }
 
+/// One client connection: served until it ends, is shed under the connection cap, or the
+/// drain begins (then the request in flight finishes and the connection closes).
 async fn serve_connection(
     cache: Arc<cache::Cache>,
     stream: tokio::net::TcpStream,
-    mut drain: watch::Receiver<bool>,
+    conn: Admitted,
+    draining: CancellationToken,
 ) {
+    let activity = conn.activity();
     let service = hyper::service::service_fn(move |request| {
         let cache = cache.clone();
+        let _busy = activity.busy();
         async move {
+            let _busy = _busy;
             let method = request.method().clone();
             let path = request.uri().path().to_owned();
             let response = routes::handle(&cache, request).await;
@@ -242,8 +237,8 @@ async fn serve_connection(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        // Fires once, when `serve` stops accepting.
-        _ = drain.changed() => {
+        () = conn.shed() => return,
+        () = draining.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }

@@ -81,7 +81,8 @@ impl Served {
     ) -> CancellationToken {
         let stop = self.stop.child_token();
         let this = self.clone();
-        tokio::spawn(
+        // On the tracker too, so a finished drain means every listener is closed.
+        self.tasks.spawn(
             this.accept_loop(listener, proxy, probe, stop.clone())
                 .instrument(span),
         );
@@ -145,7 +146,13 @@ impl Served {
                 }
             }
         };
-        tokio::spawn(accept_loop.instrument(span));
+        self.tasks.spawn(accept_loop.instrument(span));
+    }
+
+    /// Cancelled when the drain begins: a connection that can end gracefully (an HTTP server
+    /// connection between requests) watches it.
+    pub fn draining(&self) -> CancellationToken {
+        self.stop.child_token()
     }
 
     /// Stops every accept loop (their listeners close), then waits up to `timeout` for the
