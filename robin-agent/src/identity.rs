@@ -343,8 +343,8 @@ mod tests {
     #[tokio::test]
     async fn file_sources_in_a_pod_context_read_inside_the_pod_root() {
         use crate::podfs::{PodFs, PodRoot};
-        let dir = std::env::temp_dir().join(format!("robin-ident-podfs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("root/run")).unwrap();
         std::fs::write(dir.join("root/run/token"), "pod-token").unwrap();
         // What the path names in the agent's own view.
@@ -371,7 +371,6 @@ mod tests {
             "{}",
             exchange.describe()
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -236,11 +236,13 @@ mod tests {
 
     use super::*;
 
-    fn scratch(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("robin-podfs-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A scratch directory: its path, and the `TempDir` that removes it when dropped.
+    fn scratch(tag: &str) -> (PathBuf, tempfile::TempDir) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("robin-podfs-{tag}-"))
+            .tempdir()
+            .unwrap();
+        (tmp.path().to_owned(), tmp)
     }
 
     fn root_at(dir: &Path) -> PodRoot {
@@ -250,7 +252,7 @@ mod tests {
     #[test]
     fn absolute_symlinks_and_dotdot_stay_inside_the_root() {
         probe().expect("openat2 on the test kernel");
-        let d = scratch("inroot");
+        let (d, _tmp) = scratch("inroot");
         let root = d.join("root");
         std::fs::create_dir_all(root.join("run/secrets")).unwrap();
         std::fs::write(root.join("run/secrets/t"), "inside").unwrap();
@@ -270,12 +272,11 @@ mod tests {
         assert!(!r.is_file(Path::new("/run/secrets")), "a directory");
         let e = r.locate(Path::new("/leak")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn magic_links_are_refused() {
-        let d = scratch("magic");
+        let (d, _tmp) = scratch("magic");
         symlink(
             format!("/proc/{}/root/etc", std::process::id()),
             d.join("jump"),
@@ -286,12 +287,11 @@ mod tests {
         let inside = d.strip_prefix("/").unwrap().join("jump/hostname");
         let e = r.locate(&inside).unwrap_err();
         assert!(e.to_string().contains("magic link"), "{e}");
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn a_missing_file_asks_for_another_process_once() {
-        let d = scratch("reselect");
+        let (d, _tmp) = scratch("reselect");
         std::fs::create_dir_all(d.join("app")).unwrap();
         std::fs::create_dir_all(d.join("pause")).unwrap();
         std::fs::write(d.join("app/token"), "t").unwrap();
@@ -314,6 +314,5 @@ mod tests {
         assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
         let gone = PodPath::new(fs, "/absent".into());
         assert_eq!(gone.locate().unwrap_err().kind(), io::ErrorKind::NotFound);
-        let _ = std::fs::remove_dir_all(&d);
     }
 }

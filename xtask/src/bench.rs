@@ -111,9 +111,14 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         Some(bin) => PathBuf::from(bin),
         None => build_robin(true)?,
     };
+    let experiment = sections::Experiment::from_env();
     let header = report::Header::now(&s)?;
     let world = world::World::build(&s, tools.as_ref())?;
-    let main = sections::main_table(&s, &world, &robin_bin)?;
+    let main = sections::main_table(&s, &world, &robin_bin, &experiment)?;
+    if experiment.is_set() {
+        drop(world);
+        return write_experiment(&header.finish(), &s, &main, &experiment);
+    }
     let capture = sections::capture_cost(&s, &world, &robin_bin)?;
     let extras = resources::measure(&s, &world, &robin_bin)?;
     drop(world);
@@ -142,4 +147,25 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     )
+}
+
+/// An experiment's table goes to `bench/results/experiments/`, named by its time, with the
+/// settings that made it; `smoke.md` and `latest.md` stay the published runs.
+fn write_experiment(
+    header: &report::Header,
+    s: &Settings,
+    main: &[rounds::Outcome],
+    experiment: &sections::Experiment,
+) -> anyhow::Result<()> {
+    let violations = guard::check(main.iter());
+    let table = report::render(header, s, main, &[], &Default::default(), &violations)?;
+    let text = format!("Experiment: {experiment:?}\n\n{table}");
+    print!("{text}");
+    let dir = workspace_root().join("bench/results/experiments");
+    fs::create_dir_all(&dir)?;
+    let stamp: String = header.date.chars().filter(char::is_ascii_digit).collect();
+    let name = format!("experiment-{stamp}.md");
+    fs::write(dir.join(&name), &text)?;
+    println!("written to bench/results/experiments/{name}");
+    Ok(())
 }

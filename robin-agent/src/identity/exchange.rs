@@ -289,8 +289,8 @@ mod tests {
     /// label; their exchanged tokens must still be cached apart, and one pod's twice together.
     #[test]
     fn per_pod_inner_sources_keep_exchanged_tokens_apart() {
-        let dir = std::env::temp_dir().join(format!("robin-exch-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let ca = dir.join("ca.crt");
         std::fs::write(&ca, crate::tls::tests::test_ca("API CA").0).unwrap();
         let base = IdentityContext::new(CachePolicy::default());
@@ -330,6 +330,5 @@ mod tests {
             path: "/proc/7/root/t".into(),
         });
         assert!(key(&file, &base).contains("inner=(file:/proc/7/root/t)"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -257,12 +257,13 @@ mod tests {
 
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("robin-file-src-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A scratch directory: its path, and the `TempDir` that removes it when dropped.
+    fn scratch(tag: &str) -> (PathBuf, tempfile::TempDir) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("robin-file-src-{tag}-"))
+            .tempdir()
+            .unwrap();
+        (tmp.path().to_owned(), tmp)
     }
 
     /// A source that trusts even a just-written file, so the tests exercise the version
@@ -280,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn sees_atomic_rename_swap() {
-        let dir = scratch("rename");
+        let (dir, _tmp) = scratch("rename");
         let path = dir.join("token");
         std::fs::write(&path, "first\n").unwrap();
         let src = trusting(path.clone());
@@ -289,12 +290,11 @@ mod tests {
         std::fs::write(dir.join("token.new"), "other\n").unwrap();
         std::fs::rename(dir.join("token.new"), &path).unwrap();
         assert_eq!(src.token().await.unwrap().expose(), "other");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn sees_kubelet_symlink_swap() {
-        let dir = scratch("symlink");
+        let (dir, _tmp) = scratch("symlink");
         std::fs::create_dir_all(dir.join("..v1")).unwrap();
         std::fs::create_dir_all(dir.join("..v2")).unwrap();
         std::fs::write(dir.join("..v1/token"), "one").unwrap();
@@ -307,12 +307,11 @@ mod tests {
         std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
         std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
         assert_eq!(src.token().await.unwrap().expose(), "two");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn unchanged_file_is_read_once() {
-        let dir = scratch("cached");
+        let (dir, _tmp) = scratch("cached");
         let path = dir.join("token");
         std::fs::write(&path, "steady").unwrap();
         let src = trusting(path);
@@ -320,12 +319,11 @@ mod tests {
             assert_eq!(src.token().await.unwrap().expose(), "steady");
         }
         assert_eq!(reads(&src), 1);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn in_place_rewrite_of_same_length_is_seen() {
-        let dir = scratch("inplace");
+        let (dir, _tmp) = scratch("inplace");
         let path = dir.join("token");
         std::fs::write(&path, "aaaa").unwrap();
         // The production window: a rewrite within the same clock tick keeps mtime, ctime, inode
@@ -339,24 +337,22 @@ mod tests {
             .write_all_at(b"bbbb", 0)
             .unwrap();
         assert_eq!(src.token().await.unwrap().expose(), "bbbb");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn recent_file_is_not_trusted_until_it_settles() {
-        let dir = scratch("racy");
+        let (dir, _tmp) = scratch("racy");
         let path = dir.join("token");
         std::fs::write(&path, "fresh").unwrap();
         let src = FileSource::new(path);
         src.token().await.unwrap();
         src.token().await.unwrap();
         assert_eq!(reads(&src), 2);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn deleted_file_is_an_error_not_the_cached_token() {
-        let dir = scratch("deleted");
+        let (dir, _tmp) = scratch("deleted");
         let path = dir.join("token");
         std::fs::write(&path, "was-here").unwrap();
         let src = trusting(path.clone());
@@ -365,12 +361,11 @@ mod tests {
         assert!(matches!(src.token().await, Err(IdentityError::Read { .. })));
         std::fs::write(&path, "back").unwrap();
         assert_eq!(src.token().await.unwrap().expose(), "back");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn invalid_rotation_is_an_error_not_the_cached_token() {
-        let dir = scratch("invalid");
+        let (dir, _tmp) = scratch("invalid");
         let path = dir.join("token");
         std::fs::write(&path, "good").unwrap();
         let src = trusting(path.clone());
@@ -389,24 +384,22 @@ mod tests {
             src.token().await,
             Err(IdentityError::Unavailable(_))
         ));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn a_fifo_or_directory_is_refused_without_blocking() {
-        let dir = scratch("fifo");
+        let (dir, _tmp) = scratch("fifo");
         let fifo = dir.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR).unwrap();
         for path in [fifo, dir.clone()] {
             let err = FileSource::new(path).token().await.unwrap_err();
             assert!(err.to_string().contains("not a regular file"), "{err}");
         }
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn missing_empty_and_crlf_are_errors_without_the_value() {
-        let dir = scratch("bad");
+        let (dir, _tmp) = scratch("bad");
         let src = FileSource::new(dir.join("absent"));
         assert!(matches!(src.token().await, Err(IdentityError::Read { .. })));
         std::fs::write(dir.join("empty"), "\n").unwrap();
@@ -418,6 +411,5 @@ mod tests {
         std::fs::write(dir.join("crlf"), "secretpart\r\nInjected: yes").unwrap();
         let err = FileSource::new(dir.join("crlf")).token().await.unwrap_err();
         assert!(!err.to_string().contains("secretpart"));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

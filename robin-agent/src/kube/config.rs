@@ -281,25 +281,28 @@ mod tests {
 
     use super::*;
 
-    struct Scratch(PathBuf);
+    /// A scratch directory (its path, and the `TempDir` that removes it when dropped).
+    struct Scratch {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
 
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("robin-kcfg-{}-{tag}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("robin-kcfg-{tag}-"))
+                .tempdir()
+                .unwrap();
+            Self {
+                path: tmp.path().to_owned(),
+                _dir: tmp,
+            }
         }
 
         fn write(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.0.join(name);
+            let p = self.path.join(name);
             std::fs::write(&p, text).unwrap();
             p
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
@@ -350,7 +353,7 @@ mod tests {
             "b",
             "current-context: x\nclusters:\n- name: c\n  cluster: {server: 'https://second'}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n",
         );
-        let cfg = from_kubeconfig(&[s.0.join("absent"), a, b], None)
+        let cfg = from_kubeconfig(&[s.path.join("absent"), a, b], None)
             .await
             .unwrap();
         assert_eq!(cfg.cluster_url.host(), Some("first"));

@@ -180,32 +180,35 @@ impl RuleSet {
 mod tests {
     use super::*;
 
-    struct Scratch(PathBuf);
+    /// A scratch directory with a CA (its path, and the `TempDir` that removes it).
+    struct Scratch {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
 
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("robin-nodecfg-{}-{tag}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("robin-nodecfg-{tag}-"))
+                .tempdir()
+                .unwrap();
+            let dir = tmp.path().to_owned();
             let (cert, key) = crate::tls::tests::test_ca("Node CA");
             std::fs::write(dir.join("ca.crt"), cert).unwrap();
             std::fs::write(dir.join("ca.key"), key).unwrap();
-            Self(dir)
+            Self {
+                path: dir,
+                _dir: tmp,
+            }
         }
 
         fn load(&self, body: &str) -> Result<NodeConfig, NodeConfigError> {
             let text = format!(
                 "[tls]\nca_cert = {:?}\nca_key = {:?}\n{body}",
-                self.0.join("ca.crt"),
-                self.0.join("ca.key")
+                self.path.join("ca.crt"),
+                self.path.join("ca.key")
             );
             from_toml(&text, Path::new("node.toml"), &ConfigArgs::default())
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 

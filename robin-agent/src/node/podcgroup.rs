@@ -281,22 +281,21 @@ mod tests {
         assert_eq!(candidates(UID, Some(QosClass::BestEffort)).len(), 2);
     }
 
-    struct Scratch(PathBuf);
+    /// A scratch directory (its path, and the `TempDir` that removes it when dropped).
+    struct Scratch {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "robin-podcg-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("robin-podcg-{tag}-"))
+                .tempdir()
+                .unwrap();
+            Self {
+                path: tmp.path().to_owned(),
+                _dir: tmp,
+            }
         }
     }
 
@@ -305,14 +304,14 @@ mod tests {
         for (i, qos) in QosClass::ALL.into_iter().enumerate() {
             for (j, layout) in [systemd_path, cgroupfs_path].into_iter().enumerate() {
                 let s = Scratch::new(&format!("{i}{j}"));
-                let dir = s.0.join(layout(UID, qos));
+                let dir = s.path.join(layout(UID, qos));
                 fs::create_dir_all(&dir).unwrap();
                 // Known class and unknown class both find it.
-                assert_eq!(find(&s.0, UID, Some(qos)).unwrap(), dir);
-                assert_eq!(find(&s.0, UID, None).unwrap(), dir);
+                assert_eq!(find(&s.path, UID, Some(qos)).unwrap(), dir);
+                assert_eq!(find(&s.path, UID, None).unwrap(), dir);
                 // Another uid does not.
                 assert!(matches!(
-                    find(&s.0, "1111-2222", None),
+                    find(&s.path, "1111-2222", None),
                     Err(PodCgroupError::NotFound { .. })
                 ));
             }
@@ -323,7 +322,7 @@ mod tests {
     fn cgroup_root_must_be_cgroup2_or_hold_the_unified_mount() {
         let s = Scratch::new("notcg2");
         assert!(matches!(
-            cgroup2_root(&s.0),
+            cgroup2_root(&s.path),
             Err(PodCgroupError::NotCgroup2(_))
         ));
         // This machine's cgroup2 mount is accepted as is; its parent (on hybrid hosts the v1
@@ -341,7 +340,7 @@ mod tests {
         let s = Scratch::new("bad");
         for bad in ["../x", "", "a/b", "pod uid"] {
             assert!(matches!(
-                find(&s.0, bad, None),
+                find(&s.path, bad, None),
                 Err(PodCgroupError::BadUid(_))
             ));
         }
@@ -350,7 +349,7 @@ mod tests {
     #[test]
     fn pids_come_from_the_pod_and_its_containers() {
         let s = Scratch::new("pids");
-        let pod = s.0.join("pod");
+        let pod = s.path.join("pod");
         fs::create_dir_all(pod.join("ctr-a")).unwrap();
         fs::create_dir_all(pod.join("ctr-b")).unwrap();
         fs::write(pod.join("cgroup.procs"), "").unwrap();
@@ -368,18 +367,18 @@ mod tests {
     #[test]
     fn pick_prefers_a_process_that_sees_the_file() {
         let s = Scratch::new("pick");
-        let pod = s.0.join("pod");
+        let pod = s.path.join("pod");
         fs::create_dir_all(&pod).unwrap();
         let me = std::process::id();
         fs::write(pod.join("cgroup.procs"), format!("{me}\n")).unwrap();
-        let file = s.0.join("token");
+        let file = s.path.join("token");
         fs::write(&file, "t").unwrap();
         let picked = |f: &Path| pick(&pod, f).map(|(r, v)| (r.pid(), v)).unwrap();
         assert_eq!(picked(&file), (me, true));
-        assert_eq!(picked(&s.0.join("absent")), (me, false));
+        assert_eq!(picked(&s.path.join("absent")), (me, false));
         // A directory is not a token file.
-        assert_eq!(picked(&s.0), (me, false));
+        assert_eq!(picked(&s.path), (me, false));
         assert_eq!(root_showing(&pod, &file).map(|r| r.pid()), Some(me));
-        assert!(root_showing(&pod, &s.0.join("absent")).is_none());
+        assert!(root_showing(&pod, &s.path.join("absent")).is_none());
     }
 }

@@ -32,6 +32,8 @@ pub enum Via {
     Plain,
     /// Under `robin exec --config CONFIG --`.
     Robin(PathBuf),
+    /// As `Robin`, with another `robin` binary (`ROBIN_BENCH_BASELINE`: before/after in one run).
+    RobinBinary { bin: PathBuf, config: PathBuf },
     /// With an iptables REDIRECT to a transparent peer's port in place.
     Redirect(u16),
     /// Through `robin gateway --config CONFIG` (a forward proxy started in the client namespace
@@ -160,6 +162,7 @@ fn run_once(
     let robin = match &spec.via {
         Via::Plain => None,
         Via::Robin(config) => Some((robin_bin, config.as_path())),
+        Via::RobinBinary { bin, config } => Some((bin.as_path(), config.as_path())),
         Via::Redirect(port) => {
             script = with_redirect(*port, &script);
             None

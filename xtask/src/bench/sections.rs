@@ -1,6 +1,6 @@
 //! What is measured: the main table (Robin, direct and the peers per scenario) and the cost of
 //! the capture mechanism alone. Each scenario runs in interleaved rounds (`rounds`).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{
     CONNECTIONS, H1_HOST, RULED, Settings, UNRULED,
@@ -220,16 +220,72 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
     ]
 }
 
-pub fn main_table(s: &Settings, world: &World, robin_bin: &Path) -> anyhow::Result<Vec<Outcome>> {
+pub fn main_table(
+    s: &Settings,
+    world: &World,
+    robin_bin: &Path,
+    experiment: &Experiment,
+) -> anyhow::Result<Vec<Outcome>> {
     let plan = Plan {
         rounds: s.rounds,
         seconds: s.seconds,
         warmup_seconds: s.warmup_seconds,
     };
     main_scenarios(s, world)
-        .iter()
-        .map(|scn| rounds::run(scn, &plan, robin_bin))
+        .into_iter()
+        .filter(|scn| experiment.selects(&scn.title))
+        .map(|scn| experiment.with_baseline(scn))
+        .map(|scn| rounds::run(&scn, &plan, robin_bin))
         .collect()
+}
+
+/// What a profiling or before/after session changes in a run (environment variables):
+/// `ROBIN_BENCH_ONLY` runs only the main scenarios whose title contains it (and nothing else);
+/// `ROBIN_BENCH_BASELINE` adds, next to Robin in every scenario, the same path run by another
+/// `robin` binary, interleaved in the same rounds, so a change is measured against the build
+/// before it in one run. Such a run is an experiment: it never replaces the published results.
+#[derive(Debug, Default)]
+pub struct Experiment {
+    pub only: Option<String>,
+    pub baseline: Option<PathBuf>,
+}
+
+impl Experiment {
+    pub fn from_env() -> Self {
+        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
+        Self {
+            only: var("ROBIN_BENCH_ONLY").map(|v| v.to_string_lossy().to_lowercase()),
+            baseline: var("ROBIN_BENCH_BASELINE").map(PathBuf::from),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.only.is_some() || self.baseline.is_some()
+    }
+
+    fn selects(&self, title: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| title.to_lowercase().contains(o))
+    }
+
+    fn with_baseline(&self, mut scn: Scenario) -> Scenario {
+        let Some(bin) = &self.baseline else {
+            return scn;
+        };
+        let at = scn.paths.iter().position(|p| p.role == Role::Robin);
+        if let Some((at, Via::Robin(config))) = at.map(|i| (i, scn.paths[i].via.clone())) {
+            let mut base = scn.paths[at].clone();
+            base.label = "robin (baseline binary)";
+            base.role = Role::Peer;
+            base.via = Via::RobinBinary {
+                bin: bin.clone(),
+                config,
+            };
+            scn.paths.insert(at + 1, base);
+        }
+        scn
+    }
 }
 
 /// The capture mechanism alone: the same trivial server (nginx on 127.0.0.1:CAP_PORT in a
