@@ -127,45 +127,10 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     serve_admin(&settings, rule.source.clone(), registry).await?;
     let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()));
     if let Some(addr) = settings.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("{}: binding {addr}", env::ENV_LISTEN_ADDR))?;
-        info!(%addr, "listening");
-        let (proxy, upstream) = (proxy.clone(), upstream.clone());
-        let handle = move |stream: TcpStream, peer: SocketAddr, conn| {
-            let _ = stream.set_nodelay(true);
-            serve_conn(
-                proxy.clone(),
-                upstream.clone(),
-                stream,
-                peer.to_string(),
-                conn,
-            )
-        };
-        served.serve_listener(listener, handle, info_span!("tcp"));
+        listen_tcp(&served, addr, proxy.clone(), upstream.clone()).await?;
     }
     if let Some(uds) = settings.uds.clone() {
-        let listener = bind_uds(&uds.path)
-            .with_context(|| format!("{}: binding {}", env::ENV_LISTEN_UDS, uds.path.display()))?;
-        info!(path = %uds.path.display(), allow_uids = ?uds.allow_uids, "listening");
-        let allow = Arc::new(uds.allow_uids);
-        let handle = move |stream: UnixStream, _, conn| {
-            let (proxy, upstream) = (proxy.clone(), upstream.clone());
-            let (allow, refused) = (allow.clone(), refused.clone());
-            async move {
-                match peer_allowed(&stream, &allow) {
-                    Ok(uid) => {
-                        serve_conn(proxy, upstream, stream, format!("uid:{uid}"), conn).await
-                    }
-                    Err(why) => {
-                        refused.inc();
-                        // Dropping the stream closes it before a byte is read.
-                        warn!(peer = %why, "unix socket peer refused");
-                    }
-                }
-            }
-        };
-        served.serve_listener(listener, handle, info_span!("uds"));
+        listen_uds(&served, uds, proxy, upstream, refused)?;
     }
     crate::serve::shutdown_signal()?.await;
     info!("stopping: draining requests in flight");
@@ -179,6 +144,62 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(&uds.path);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the app's plain HTTP on `addr` (`ROBIN_LISTEN_ADDR`).
+async fn listen_tcp(
+    served: &Served,
+    addr: SocketAddr,
+    proxy: Proxy,
+    upstream: Arc<FixedUpstream>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{}: binding {addr}", env::ENV_LISTEN_ADDR))?;
+    info!(%addr, "listening");
+    let handle = move |stream: TcpStream, peer: SocketAddr, conn| {
+        let _ = stream.set_nodelay(true);
+        serve_conn(
+            proxy.clone(),
+            upstream.clone(),
+            stream,
+            peer.to_string(),
+            conn,
+        )
+    };
+    served.serve_listener(listener, handle, info_span!("tcp"));
+    Ok(())
+}
+
+/// Serves the app on a Unix socket (`ROBIN_LISTEN_UDS`), to peers whose `SO_PEERCRED` UID is
+/// allowed; any other peer is closed before a byte is read and counted in `refused`.
+fn listen_uds(
+    served: &Served,
+    uds: env::UdsListen,
+    proxy: Proxy,
+    upstream: Arc<FixedUpstream>,
+    refused: Counter,
+) -> anyhow::Result<()> {
+    let listener = bind_uds(&uds.path)
+        .with_context(|| format!("{}: binding {}", env::ENV_LISTEN_UDS, uds.path.display()))?;
+    info!(path = %uds.path.display(), allow_uids = ?uds.allow_uids, "listening");
+    let allow = Arc::new(uds.allow_uids);
+    let handle = move |stream: UnixStream, _, conn| {
+        let (proxy, upstream) = (proxy.clone(), upstream.clone());
+        let (allow, refused) = (allow.clone(), refused.clone());
+        async move {
+            match peer_allowed(&stream, &allow) {
+                Ok(uid) => serve_conn(proxy, upstream, stream, format!("uid:{uid}"), conn).await,
+                Err(why) => {
+                    refused.inc();
+                    // Dropping the stream closes it before a byte is read.
+                    warn!(peer = %why, "unix socket peer refused");
+                }
+            }
+        }
+    };
+    served.serve_listener(listener, handle, info_span!("uds"));
+    Ok(())
 }
 
 fn fixed_upstream(
