@@ -281,37 +281,19 @@ mod tests {
         assert_eq!(candidates(UID, Some(QosClass::BestEffort)).len(), 2);
     }
 
-    /// A scratch directory (its path, and the `TempDir` that removes it when dropped).
-    struct Scratch {
-        path: PathBuf,
-        _dir: tempfile::TempDir,
-    }
-    impl Scratch {
-        fn new(tag: &str) -> Self {
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!("robin-podcg-{tag}-"))
-                .tempdir()
-                .unwrap();
-            Self {
-                path: tmp.path().to_owned(),
-                _dir: tmp,
-            }
-        }
-    }
-
     #[test]
     fn finds_each_driver_and_class_in_a_real_tree() {
-        for (i, qos) in QosClass::ALL.into_iter().enumerate() {
-            for (j, layout) in [systemd_path, cgroupfs_path].into_iter().enumerate() {
-                let s = Scratch::new(&format!("{i}{j}"));
-                let dir = s.path.join(layout(UID, qos));
+        for qos in QosClass::ALL {
+            for layout in [systemd_path, cgroupfs_path] {
+                let s = tempfile::tempdir().unwrap();
+                let dir = s.path().join(layout(UID, qos));
                 fs::create_dir_all(&dir).unwrap();
                 // Known class and unknown class both find it.
-                assert_eq!(find(&s.path, UID, Some(qos)).unwrap(), dir);
-                assert_eq!(find(&s.path, UID, None).unwrap(), dir);
+                assert_eq!(find(s.path(), UID, Some(qos)).unwrap(), dir);
+                assert_eq!(find(s.path(), UID, None).unwrap(), dir);
                 // Another uid does not.
                 assert!(matches!(
-                    find(&s.path, "1111-2222", None),
+                    find(s.path(), "1111-2222", None),
                     Err(PodCgroupError::NotFound { .. })
                 ));
             }
@@ -320,9 +302,9 @@ mod tests {
 
     #[test]
     fn cgroup_root_must_be_cgroup2_or_hold_the_unified_mount() {
-        let s = Scratch::new("notcg2");
+        let s = tempfile::tempdir().unwrap();
         assert!(matches!(
-            cgroup2_root(&s.path),
+            cgroup2_root(s.path()),
             Err(PodCgroupError::NotCgroup2(_))
         ));
         // This machine's cgroup2 mount is accepted as is; its parent (on hybrid hosts the v1
@@ -337,10 +319,10 @@ mod tests {
 
     #[test]
     fn refuses_path_like_uids() {
-        let s = Scratch::new("bad");
+        let s = tempfile::tempdir().unwrap();
         for bad in ["../x", "", "a/b", "pod uid"] {
             assert!(matches!(
-                find(&s.path, bad, None),
+                find(s.path(), bad, None),
                 Err(PodCgroupError::BadUid(_))
             ));
         }
@@ -348,8 +330,8 @@ mod tests {
 
     #[test]
     fn pids_come_from_the_pod_and_its_containers() {
-        let s = Scratch::new("pids");
-        let pod = s.path.join("pod");
+        let s = tempfile::tempdir().unwrap();
+        let pod = s.path().join("pod");
         fs::create_dir_all(pod.join("ctr-a")).unwrap();
         fs::create_dir_all(pod.join("ctr-b")).unwrap();
         fs::write(pod.join("cgroup.procs"), "").unwrap();
@@ -366,19 +348,19 @@ mod tests {
 
     #[test]
     fn pick_prefers_a_process_that_sees_the_file() {
-        let s = Scratch::new("pick");
-        let pod = s.path.join("pod");
+        let s = tempfile::tempdir().unwrap();
+        let pod = s.path().join("pod");
         fs::create_dir_all(&pod).unwrap();
         let me = std::process::id();
         fs::write(pod.join("cgroup.procs"), format!("{me}\n")).unwrap();
-        let file = s.path.join("token");
+        let file = s.path().join("token");
         fs::write(&file, "t").unwrap();
         let picked = |f: &Path| pick(&pod, f).map(|(r, v)| (r.pid(), v)).unwrap();
         assert_eq!(picked(&file), (me, true));
-        assert_eq!(picked(&s.path.join("absent")), (me, false));
+        assert_eq!(picked(&s.path().join("absent")), (me, false));
         // A directory is not a token file.
-        assert_eq!(picked(&s.path), (me, false));
+        assert_eq!(picked(s.path()), (me, false));
         assert_eq!(root_showing(&pod, &file).map(|r| r.pid()), Some(me));
-        assert!(root_showing(&pod, &s.path.join("absent")).is_none());
+        assert!(root_showing(&pod, &s.path().join("absent")).is_none());
     }
 }
