@@ -1,11 +1,9 @@
-//! `token_request` source against a Kubernetes API double (HTTPS with a test CA).
-
-use std::sync::{Arc, Mutex};
+//! `token_request` source against the kit's fake Kubernetes API server over HTTPS (kit CA).
 
 use robin_agent::identity::{
     IdentityContext, IdentityError, PodRef, SourceConfig, build_source_with,
 };
-use robin_e2e::token_endpoint::*;
+use robin_e2e::{fake_api::FakeApi, token_endpoint::*};
 use serde_json::json;
 
 #[derive(serde::Deserialize)]
@@ -13,68 +11,33 @@ struct Rule {
     source: SourceConfig,
 }
 
-#[derive(Clone)]
-struct Call {
-    path: String,
-    auth: String,
-    body: serde_json::Value,
-}
-
 struct Api {
     ctx: IdentityContext,
     dir: robin_e2e::TempDir,
     url: String,
-    calls: Arc<Mutex<Vec<Call>>>,
+    fake: FakeApi,
     agent_token: String,
 }
 
-/// Mounted SA files (namespace `apps`, token for `system:serviceaccount:apps:robin`, CA) and an
-/// API double that issues `issued-<n>` JWTs, or answers `status` when not 201.
+/// Mounted SA files (namespace `apps`, token for `system:serviceaccount:apps:robin`, the CA)
+/// and the kit's fake API server over TLS, refusing TokenRequests with 403 when `status` is
+/// not 201, as an RBAC denial does.
 async fn api(name: &str, status: u16) -> Api {
     let dir = scratch(name);
-    let ca = test_ca();
+    let ca = robin_e2e::pki::Ca::new("API CA");
     let agent_token = jwt(3600, json!({"sub": "system:serviceaccount:apps:robin"}));
     std::fs::write(dir.path().join("namespace"), "apps\n").unwrap();
     std::fs::write(dir.path().join("token"), &agent_token).unwrap();
-    std::fs::write(dir.path().join("ca.crt"), &ca.ca_pem).unwrap();
-    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
-    let c = calls.clone();
-    let (addr, _) = serve(
-        handler(move |req: Req| {
-            let c = c.clone();
-            async move {
-                let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
-                let n = {
-                    let mut c = c.lock().unwrap();
-                    c.push(Call {
-                        path: req.path.clone(),
-                        auth: req.headers["authorization"].to_str().unwrap().to_owned(),
-                        body: body.clone(),
-                    });
-                    c.len()
-                };
-                if status != 201 {
-                    return Resp::json(
-                        status,
-                        json!({"kind": "Status", "reason": "Forbidden", "message": "no\r\naccess"}),
-                    );
-                }
-                let mut resp = body;
-                resp["status"] = json!({
-                    "token": jwt(600, json!({"n": n})),
-                    "expirationTimestamp": "2030-01-01T00:00:00Z"
-                });
-                Resp::json(201, resp)
-            }
-        }),
-        Some(ca.server.clone()),
-    )
-    .await;
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+    let fake = FakeApi::start_tls(ca.leaf(&["127.0.0.1"]).server_config(&[]));
+    if status != 201 {
+        fake.refuse_token_requests(status, "Forbidden", "no\r\naccess");
+    }
     Api {
         ctx: context(dir.path().to_owned()),
+        url: fake.url(),
         dir,
-        url: format!("https://localhost:{}", addr.port()),
-        calls,
+        fake,
         agent_token,
     }
 }
@@ -93,24 +56,31 @@ async fn standalone_defaults_from_mounted_service_account() {
     let src = build_source_with(&cfg, &a.ctx).unwrap();
     let t = src.token().await.unwrap();
     assert_eq!(src.token().await.unwrap(), t);
-    let calls = a.calls.lock().unwrap().clone();
+    let calls = a.fake.token_requests();
     assert_eq!(calls.len(), 1);
     let call = &calls[0];
     assert_eq!(
-        call.path,
-        "/api/v1/namespaces/apps/serviceaccounts/robin/token"
+        (call.namespace.as_str(), call.service_account.as_str()),
+        ("apps", "robin")
     );
-    assert_eq!(call.auth, format!("Bearer {}", a.agent_token));
-    assert_eq!(call.body["apiVersion"], "authentication.k8s.io/v1");
-    assert_eq!(call.body["kind"], "TokenRequest");
-    assert_eq!(call.body["spec"]["audiences"], json!(["vault"]));
-    assert_eq!(call.body["spec"]["expirationSeconds"], 600);
-    assert!(call.body["spec"].get("boundObjectRef").is_none());
+    assert_eq!(
+        call.authorization,
+        Some(format!("Bearer {}", a.agent_token))
+    );
+    assert_eq!(call.request["apiVersion"], "authentication.k8s.io/v1");
+    assert_eq!(call.request["kind"], "TokenRequest");
+    assert_eq!(call.request["spec"]["audiences"], json!(["vault"]));
+    assert_eq!(call.request["spec"]["expirationSeconds"], 600);
+    assert!(call.request["spec"].get("boundObjectRef").is_none());
 }
 
 #[tokio::test]
 async fn pod_known_binds_token_and_credential_is_reread() {
     let mut a = api("tr-pod", 201).await;
+    a.fake.upsert(json!({
+        "metadata": {"namespace": "shop", "name": "web-0", "uid": "0b6f-11ee"},
+        "spec": {"serviceAccountName": "web"},
+    }));
     a.ctx.pod = Some(PodRef {
         namespace: "shop".into(),
         name: "web-0".into(),
@@ -133,19 +103,26 @@ async fn pod_known_binds_token_and_credential_is_reread() {
     std::fs::write(a.dir.path().join("token"), &rotated).unwrap();
     let t2 = two.token().await.unwrap();
     assert_ne!(t1, t2);
-    let calls = a.calls.lock().unwrap().clone();
+    let calls = a.fake.token_requests();
     assert_eq!(
-        calls[0].path,
-        "/api/v1/namespaces/shop/serviceaccounts/web/token"
+        (
+            calls[0].namespace.as_str(),
+            calls[0].service_account.as_str()
+        ),
+        ("shop", "web")
     );
     assert_eq!(
-        calls[0].body["spec"]["boundObjectRef"],
+        calls[0].request["spec"]["boundObjectRef"],
         json!({"kind": "Pod", "apiVersion": "v1", "name": "web-0", "uid": "0b6f-11ee"})
     );
-    assert_eq!(calls[0].body["spec"]["expirationSeconds"], 3600);
-    assert_eq!(calls[0].auth, format!("Bearer {}", a.agent_token));
-    assert_eq!(calls[1].auth, format!("Bearer {rotated}"));
-    assert_eq!(calls[1].body["spec"]["audiences"], json!(["b"]));
+    assert_eq!(calls[0].request["spec"]["expirationSeconds"], 3600);
+    assert_eq!(
+        calls[0].authorization,
+        Some(format!("Bearer {}", a.agent_token))
+    );
+    // The agent's credential is read per call: the rotated one is used at once.
+    assert_eq!(calls[1].authorization, Some(format!("Bearer {rotated}")));
+    assert_eq!(calls[1].request["spec"]["audiences"], json!(["b"]));
 }
 
 #[tokio::test]
@@ -190,6 +167,10 @@ async fn config_rejects_unknown_fields_and_bad_names() {
 #[tokio::test]
 async fn pod_known_explicit_account_must_be_the_pods() {
     let mut a = api("tr-pod-explicit", 201).await;
+    a.fake.upsert(json!({
+        "metadata": {"namespace": "shop", "name": "web-0", "uid": "0b6f-11ee"},
+        "spec": {"serviceAccountName": "web"},
+    }));
     a.ctx.pod = Some(PodRef {
         namespace: "shop".into(),
         name: "web-0".into(),
@@ -219,8 +200,9 @@ async fn pod_known_explicit_account_must_be_the_pods() {
     )
     .unwrap();
     same.token().await.unwrap();
+    let call = &a.fake.token_requests()[0];
     assert_eq!(
-        a.calls.lock().unwrap()[0].path,
-        "/api/v1/namespaces/shop/serviceaccounts/web/token"
+        (call.namespace.as_str(), call.service_account.as_str()),
+        ("shop", "web")
     );
 }

@@ -3,7 +3,9 @@
 //! gateway's label selector),
 //! the pod watch (`watch=true`, bookmarks allowed, `timeoutSeconds`) driven by the test, and
 //! TokenRequests (`POST .../serviceaccounts/{sa}/token`), minted as unsigned JWTs shaped like
-//! bound ServiceAccount tokens. One request per connection (`Connection: close`).
+//! bound ServiceAccount tokens. One request per connection (`Connection: close`). Plain HTTP
+//! ([`FakeApi::start`]) or HTTPS with a kit certificate ([`FakeApi::start_tls`]); TokenRequests
+//! can be refused with a `Status` ([`FakeApi::refuse_token_requests`]).
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -53,6 +55,8 @@ pub struct ApiState {
     minted: Vec<MintedToken>,
     /// The request line target of every GET, in order.
     requests: Vec<String>,
+    /// Set: every TokenRequest is answered with this status line and `Status` body.
+    token_refusal: Option<(String, Value)>,
 }
 
 /// A TokenRequest the fake API answered
@@ -72,6 +76,7 @@ pub struct MintedToken {
 
 pub struct FakeApi {
     addr: std::net::SocketAddr,
+    tls: bool,
     state: Arc<Mutex<ApiState>>,
     stop: Arc<AtomicBool>,
     accept: Option<thread::JoinHandle<()>>,
@@ -79,18 +84,27 @@ pub struct FakeApi {
 
 impl FakeApi {
     pub fn start() -> Self {
+        Self::serve(None)
+    }
+
+    /// Served over TLS with `server` (a kit leaf for 127.0.0.1: `pki::Leaf::server_config`).
+    pub fn start_tls(server: Arc<rustls::ServerConfig>) -> Self {
+        Self::serve(Some(server))
+    }
+
+    fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding fake api");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(ApiState::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
+        let (st, sp, server) = (state.clone(), stop.clone(), tls.clone());
         let accept = thread::spawn(move || {
             while !sp.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (st, sp) = (st.clone(), sp.clone());
-                        thread::spawn(move || serve_api(conn, &st, &sp));
+                        let (st, sp, server) = (st.clone(), sp.clone(), server.clone());
+                        thread::spawn(move || serve_conn(conn, server, &st, &sp));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(20)),
                 }
@@ -98,6 +112,7 @@ impl FakeApi {
         });
         Self {
             addr,
+            tls: tls.is_some(),
             state,
             stop,
             accept: Some(accept),
@@ -105,7 +120,16 @@ impl FakeApi {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// From now on every TokenRequest is refused, as an RBAC denial is: `code` with a `Status`
+    /// naming `reason` and `message`; nothing is minted or recorded.
+    pub fn refuse_token_requests(&self, code: u16, reason: &str, message: &str) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": reason, "message": message, "code": code});
+        self.state.lock().unwrap().token_refusal = Some((format!("{code} {reason}"), status));
     }
 
     pub fn open(&self) {
@@ -171,9 +195,24 @@ impl Drop for FakeApi {
     }
 }
 
-fn serve_api(mut conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
+fn serve_conn(
+    conn: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: &Mutex<ApiState>,
+    stop: &AtomicBool,
+) {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match tls {
+        None => serve_api(conn, state, stop),
+        Some(cfg) => {
+            let session = rustls::ServerConnection::new(cfg).expect("a tls session");
+            serve_api(rustls::StreamOwned::new(session, conn), state, stop);
+        }
+    }
+}
+
+fn serve_api(mut conn: impl Read + Write, state: &Mutex<ApiState>, stop: &AtomicBool) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
@@ -251,7 +290,7 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn respond(conn: &mut TcpStream, status: &str, body: &Value) {
+fn respond(conn: &mut impl Write, status: &str, body: &Value) {
     let body = body.to_string();
     let _ = write!(
         conn,
@@ -262,7 +301,12 @@ fn respond(conn: &mut TcpStream, status: &str, body: &Value) {
 
 /// Mints an unsigned JWT shaped like a bound ServiceAccount token (the `kubernetes.io` claims
 /// of a real one), records the request and answers it as the API server does (201).
-fn serve_token_request(mut conn: TcpStream, head: &str, target: &str, state: &Mutex<ApiState>) {
+fn serve_token_request(
+    mut conn: impl Read + Write,
+    head: &str,
+    target: &str,
+    state: &Mutex<ApiState>,
+) {
     let parts: Vec<&str> = target.split('/').collect();
     let (namespace, sa) = match parts[..] {
         [
@@ -294,6 +338,10 @@ fn serve_token_request(mut conn: TcpStream, head: &str, target: &str, state: &Mu
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return respond(&mut conn, "400 Bad Request", &json!({"kind": "Status"}));
     };
+    let refusal = state.lock().unwrap().token_refusal.clone();
+    if let Some((status, body)) = refusal {
+        return respond(&mut conn, &status, &body);
+    }
     let spec = &request["spec"];
     if request["kind"] != "TokenRequest"
         || request["apiVersion"] != "authentication.k8s.io/v1"
