@@ -42,6 +42,22 @@ async fn api(name: &str, status: u16) -> Api {
     }
 }
 
+impl Api {
+    /// The sources act for pod `shop/web-0` (ServiceAccount `web`), which the API knows.
+    fn act_for_pod_web_0(&mut self) {
+        self.fake.upsert(json!({
+            "metadata": {"namespace": "shop", "name": "web-0", "uid": "0b6f-11ee"},
+            "spec": {"serviceAccountName": "web"},
+        }));
+        self.ctx.pod = Some(PodRef {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "0b6f-11ee".into(),
+            service_account: Some("web".into()),
+        });
+    }
+}
+
 fn source(toml_src: &str) -> SourceConfig {
     toml::from_str::<Rule>(toml_src).unwrap().source
 }
@@ -77,16 +93,7 @@ async fn standalone_defaults_from_mounted_service_account() {
 #[tokio::test]
 async fn pod_known_binds_token_and_credential_is_reread() {
     let mut a = api("tr-pod", 201).await;
-    a.fake.upsert(json!({
-        "metadata": {"namespace": "shop", "name": "web-0", "uid": "0b6f-11ee"},
-        "spec": {"serviceAccountName": "web"},
-    }));
-    a.ctx.pod = Some(PodRef {
-        namespace: "shop".into(),
-        name: "web-0".into(),
-        uid: "0b6f-11ee".into(),
-        service_account: Some("web".into()),
-    });
+    a.act_for_pod_web_0();
     let cfg = |aud: &str| {
         source(&format!(
             r#"source = {{ kind = "token_request", audience = "{aud}", api_server = "{}" }}"#,
@@ -167,16 +174,7 @@ async fn config_rejects_unknown_fields_and_bad_names() {
 #[tokio::test]
 async fn pod_known_explicit_account_must_be_the_pods() {
     let mut a = api("tr-pod-explicit", 201).await;
-    a.fake.upsert(json!({
-        "metadata": {"namespace": "shop", "name": "web-0", "uid": "0b6f-11ee"},
-        "spec": {"serviceAccountName": "web"},
-    }));
-    a.ctx.pod = Some(PodRef {
-        namespace: "shop".into(),
-        name: "web-0".into(),
-        uid: "0b6f-11ee".into(),
-        service_account: Some("web".into()),
-    });
+    a.act_for_pod_web_0();
     let with = |extra: &str| {
         source(&format!(
             r#"source = {{ kind = "token_request", audience = "a", api_server = "{}" {extra} }}"#,

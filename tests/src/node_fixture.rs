@@ -13,8 +13,8 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    BpfPins, Cgroup, ChildGuard, Netns, Pki, Topology, command_in, find_cgroup2_mount, pod_etc,
-    robin_bin, unique_id,
+    BpfPins, Cgroup, ChildGuard, Netns, Pki, TempDir, Topology, command_in, find_cgroup2_mount,
+    pod_etc, robin_bin, unique_id,
 };
 
 pub const HOST: &str = "api.test";
@@ -202,6 +202,38 @@ impl PodNet {
 
     pub fn netns(&self) -> &Netns {
         &self.topo.pod
+    }
+}
+
+/// Two pod network namespaces with their upstreams, the PKI they trust and one pod's token
+/// file, all in a scratch directory: the world of a node test about one or two sandboxes.
+pub struct TwoPodNets {
+    pub dir: TempDir,
+    pub pki: Pki,
+    pub first: PodNet,
+    pub second: PodNet,
+    pub token_file: PathBuf,
+}
+
+impl TwoPodNets {
+    /// Upstream logs `up-{names.0}.log` and `up-{names.1}.log`; the token file holds `token`.
+    pub fn new(tag: &str, names: (&str, &str), token: &str) -> Self {
+        let dir = crate::temp_dir(tag);
+        let pki = Pki::new(dir.path(), &[HOST]);
+        let log = |n: &str| dir.path().join(format!("up-{n}.log"));
+        let (first, second) = (
+            PodNet::new(&pki, log(names.0)),
+            PodNet::new(&pki, log(names.1)),
+        );
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, token).unwrap();
+        Self {
+            dir,
+            pki,
+            first,
+            second,
+            token_file,
+        }
     }
 }
 

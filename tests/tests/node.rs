@@ -7,9 +7,9 @@ use std::{path::Path, process::Stdio, thread, time::Duration};
 use robin_e2e::{
     BpfPins, Cgroup, ChildGuard, Pki, command_in,
     node_fixture::{
-        FakeApi, HOST, KubeletCgroups, PodNet, admin_get, curl, debug_pods, default_rule_set,
-        free_port, metric, pod_cgroup_id, pod_json, pod_process, pod_state, pod_uid, start_agent,
-        wait_for, write_node_config, write_node_config_with,
+        FakeApi, HOST, KubeletCgroups, PodNet, TwoPodNets, admin_get, curl, debug_pods,
+        default_rule_set, free_port, metric, pod_cgroup_id, pod_json, pod_process, pod_state,
+        pod_uid, start_agent, wait_for, write_node_config, write_node_config_with,
     },
     require_privileges, robin_bin, temp_dir,
 };
@@ -304,15 +304,14 @@ fn served(log: &Path) -> usize {
 #[test]
 fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
     require_privileges();
-    let dir = temp_dir("restart");
-    let pki = Pki::new(dir.path(), &[HOST]);
-    let (net_a, net_b) = (
-        PodNet::new(&pki, dir.path().join("up-a.log")),
-        PodNet::new(&pki, dir.path().join("up-b.log")),
-    );
     let tok = "tok-restart.pod-alpha";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, tok).unwrap();
+    let TwoPodNets {
+        dir,
+        pki,
+        first: net_a,
+        second: net_b,
+        token_file,
+    } = TwoPodNets::new("restart", ("a", "b"), tok);
 
     let mut cgroups = KubeletCgroups::new();
     let (uid_a, uid_b) = (pod_uid(), pod_uid());
@@ -443,16 +442,15 @@ fn stopped_or_killed_agent_fails_closed_and_a_restart_adopts_pinned_capture() {
 #[test]
 fn pod_sandbox_recreated_in_a_new_network_namespace_is_captured_there() {
     require_privileges();
-    let dir = temp_dir("sandbox");
-    let pki = Pki::new(dir.path(), &[HOST]);
-    // The pod's first sandbox, and the one the kubelet recreates it with (same pod, same cgroup).
-    let (first, second) = (
-        PodNet::new(&pki, dir.path().join("up-1.log")),
-        PodNet::new(&pki, dir.path().join("up-2.log")),
-    );
     let tok = "tok-sandbox.pod-alpha";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, tok).unwrap();
+    // The pod's first sandbox, and the one the kubelet recreates it with (same pod, same cgroup).
+    let TwoPodNets {
+        dir,
+        pki,
+        first,
+        second,
+        token_file,
+    } = TwoPodNets::new("sandbox", ("1", "2"), tok);
     let mut cgroups = KubeletCgroups::new();
     let uid = pod_uid();
     let cg = cgroups.systemd(&uid, "besteffort", "cri-containerd-a");
