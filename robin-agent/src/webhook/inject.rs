@@ -5,7 +5,7 @@ use std::path::{Component, Path};
 
 use serde_json::{Value, json};
 
-use super::pod::{Container, ContainerView as _, Pod, PodView as _};
+use super::pod::{Container, ContainerExt as _, Pod, PodExt as _};
 use crate::node::annotations::{self, DEFAULT_TOKEN_PATH};
 
 pub const ANN_AUDIENCE: &str = "robin.dev/audience";

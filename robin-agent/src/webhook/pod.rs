@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 pub use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 
 /// What the injector asks of a pod.
-pub trait PodView {
+pub trait PodExt {
     fn annotation(&self, key: &str) -> Option<&str>;
     fn label(&self, key: &str) -> Option<&str>;
     fn has_volume(&self, name: &str) -> bool;
@@ -15,7 +15,7 @@ pub trait PodView {
     fn spec(&self) -> &PodSpec;
 }
 
-impl PodView for Pod {
+impl PodExt for Pod {
     fn annotation(&self, key: &str) -> Option<&str> {
         self.metadata
             .annotations
@@ -41,12 +41,12 @@ impl PodView for Pod {
 }
 
 /// What the injector asks of a container.
-pub trait ContainerView {
+pub trait ContainerExt {
     fn has_env(&self, name: &str) -> bool;
     fn mount_at(&self, path: &str) -> Option<&k8s_openapi::api::core::v1::VolumeMount>;
 }
 
-impl ContainerView for Container {
+impl ContainerExt for Container {
     fn has_env(&self, name: &str) -> bool {
         self.env.iter().flatten().any(|e| e.name == name)
     }
