@@ -29,6 +29,8 @@ use prometheus_client::{
 };
 use tokio::sync::Notify;
 
+pub mod busy;
+
 /// Descriptors kept free at the default connection cap.
 pub const DESCRIPTOR_RESERVE: u64 = 256;
 

@@ -218,15 +218,14 @@ async fn serve_connection(
     let activity = conn.activity();
     let service = hyper::service::service_fn(move |request| {
         let cache = cache.clone();
-        let _busy = activity.busy();
-        async move {
-            let _busy = _busy;
+        // Busy (never shed) from the request's arrival to the end of its response body.
+        conns::busy::tracked(activity.busy(), async move {
             let method = request.method().clone();
             let path = request.uri().path().to_owned();
             let response = routes::handle(&cache, request).await;
             tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
             Ok::<_, Infallible>(response)
-        }
+        })
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

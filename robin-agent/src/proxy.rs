@@ -30,7 +30,6 @@ use crate::{
     tls::{LeafCache, LeafStats, TlsError, UpstreamTls, mint, upstream::Alpn},
 };
 
-mod busy;
 mod inject;
 mod intercept;
 mod linger;
@@ -707,7 +706,7 @@ impl Proxy {
         });
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
         let svc = service_fn(move |req| {
-            busy::tracked(
+            crate::conns::busy::tracked(
                 activity.busy(),
                 intercept::handle(ctx.clone(), req).instrument(span()),
             )

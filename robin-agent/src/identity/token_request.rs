@@ -117,7 +117,7 @@ impl TokenRequestSource {
         };
         let body = self
             .endpoint
-            .call(self.request()?)
+            .call(self.request())
             .await
             .map_err(|e| match e {
                 CallError::ReadCredential { path, source } => IdentityError::Read { path, source },
@@ -141,7 +141,7 @@ impl TokenRequestSource {
     }
 
     /// `POST .../serviceaccounts/{sa}/token`, bound to the pod when there is one.
-    fn request(&self) -> Result<http::Request<Vec<u8>>, IdentityError> {
+    fn request(&self) -> http::Request<Vec<u8>> {
         let body = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: vec![self.audience.clone()],
@@ -163,7 +163,7 @@ impl TokenRequestSource {
         http::Request::post(path)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body)
-            .map_err(|e| IdentityError::Config(format!("token_request: {e}")))
+            .expect("the names in the path are checked DNS-1123 names")
     }
 }
 

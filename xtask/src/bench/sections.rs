@@ -273,17 +273,22 @@ impl Experiment {
         let Some(bin) = &self.baseline else {
             return scn;
         };
-        let at = scn.paths.iter().position(|p| p.role == Role::Robin);
-        if let Some((at, Via::Robin(config))) = at.map(|i| (i, scn.paths[i].via.clone())) {
-            let mut base = scn.paths[at].clone();
-            base.label = "robin (baseline binary)";
-            base.role = Role::Peer;
-            base.via = Via::RobinBinary {
+        let Some(at) = scn.paths.iter().position(|p| p.role == Role::Robin) else {
+            return scn;
+        };
+        let Via::Robin(config) = scn.paths[at].via.clone() else {
+            return scn;
+        };
+        let base = PathSpec {
+            label: "robin (baseline binary)",
+            role: Role::Peer,
+            via: Via::RobinBinary {
                 bin: bin.clone(),
                 config,
-            };
-            scn.paths.insert(at + 1, base);
-        }
+            },
+            ..scn.paths[at].clone()
+        };
+        scn.paths.insert(at + 1, base);
         scn
     }
 }

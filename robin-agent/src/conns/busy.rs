@@ -8,7 +8,7 @@ use std::{
 use http::Response;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::conns::Busy;
+use super::Busy;
 
 /// Runs `handler`, moving `busy` into the response body it yields.
 pub async fn tracked<B, E>(
