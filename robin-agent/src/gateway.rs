@@ -120,7 +120,7 @@ async fn run(args: GatewayArgs, cfg: config::Config) -> anyhow::Result<ExitCode>
         resolver: Arc::new(resolve::Dns::new(deny)),
         local,
     });
-    let served = Served::new(conns);
+    let served = Served::new(conns)?;
     served.serve_listener(
         listener,
         move |stream, peer, conn| serve_client(gateway.clone(), stream, peer, conn),

@@ -22,3 +22,4 @@ pub mod sidecar;
 pub mod standalone;
 pub mod tls;
 pub mod webhook;
+pub mod workers;

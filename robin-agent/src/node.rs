@@ -114,7 +114,7 @@ async fn run(args: NodeArgs, cfg: NodeConfig) -> anyhow::Result<ExitCode> {
         // Readiness is latched by the reconciler once it has applied the first list.
         Arc::default(),
     ));
-    let served = Served::new(conns);
+    let served = Served::new(conns)?;
     let reconciler = Reconciler::new(
         capturer,
         cfg,

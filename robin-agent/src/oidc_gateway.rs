@@ -184,8 +184,12 @@ impl Gateway {
     /// Serves `listener` on [`Served`] (the accept loop, connection cap and drain every mode
     /// shares) until `shutdown` resolves, then lets open connections finish (bounded by
     /// [`DRAIN_TIMEOUT`]).
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()));
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()))?;
         let cache = self.cache.clone();
         let draining = served.draining();
         served.serve_listener(
@@ -204,6 +208,7 @@ impl Gateway {
                 "connections still open after the drain timeout; closing them"
             );
         }
+        Ok(())
     }
 }
 
@@ -297,7 +302,7 @@ async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let warm_up = gateway.spawn_warm_up();
     gateway
         .serve(listener, crate::serve::shutdown_signal()?)
-        .await;
+        .await?;
     warm_up.abort();
     tracing::info!("oidc gateway stopped");
     Ok(ExitCode::SUCCESS)

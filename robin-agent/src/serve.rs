@@ -1,6 +1,7 @@
 //! Serving capture listeners, the same for `robin exec` and every pod of `robin node`: accept,
-//! admit under the connection cap, hand the connection to the listener's current proxy; on
-//! shutdown stop every accept loop and wait, bounded, for the connections in flight.
+//! admit under the connection cap, hand the connection to the listener's current proxy on one of
+//! the [`Workers`]; on shutdown stop every accept loop and wait, bounded, for the connections in
+//! flight.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -15,6 +16,7 @@ use crate::{
     capture::CapturedListener,
     conns::{Admitted, Connections},
     proxy::Proxy,
+    workers::{Movable, Workers},
 };
 
 /// A connect the agent answers itself instead of proxying it (`robin await` asking whether its
@@ -27,7 +29,7 @@ pub struct Probe {
 
 /// A listener [`Served::serve_listener`] drives: TCP or a Unix socket.
 pub trait Listener: Send + 'static {
-    type Conn: Send + 'static;
+    type Conn: Movable;
     type Peer: Send + 'static;
     fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Conn, Self::Peer)>> + Send;
 }
@@ -52,17 +54,20 @@ impl Listener for tokio::net::UnixListener {
 #[derive(Clone)]
 pub struct Served {
     conns: Arc<Connections>,
+    workers: Arc<Workers>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
 impl Served {
-    pub fn new(conns: Arc<Connections>) -> Self {
-        Self {
+    /// Starts the worker runtimes the connections are served on.
+    pub fn new(conns: Arc<Connections>) -> anyhow::Result<Self> {
+        Ok(Self {
             conns,
+            workers: Arc::new(Workers::start()?),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
-        }
+        })
     }
 
     pub fn connections(&self) -> &Arc<Connections> {
@@ -111,8 +116,10 @@ impl Served {
                         continue;
                     };
                     let proxy = proxy.borrow().clone();
-                    self.tasks.spawn(async move {
+                    let tracked = self.tasks.token();
+                    self.workers.serve(stream, move |stream| async move {
                         proxy.serve_admitted(stream, orig, client, conn).await;
+                        drop(tracked);
                     });
                 }
                 Err(e) => self.conns.accept_failed(&e).await,
@@ -125,10 +132,11 @@ impl Served {
     pub fn serve_listener<L, H, F>(&self, listener: L, handle: H, span: tracing::Span)
     where
         L: Listener,
-        H: Fn(L::Conn, L::Peer, Admitted) -> F + Send + 'static,
+        H: Fn(L::Conn, L::Peer, Admitted) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let this = self.clone();
+        let handle = Arc::new(handle);
         let stop = self.stop.child_token();
         let accept_loop = async move {
             loop {
@@ -139,7 +147,11 @@ impl Served {
                 match accepted {
                     Ok((stream, peer)) => {
                         if let Some(conn) = this.conns.admit() {
-                            this.tasks.spawn(handle(stream, peer, conn));
+                            let (handle, tracked) = (handle.clone(), this.tasks.token());
+                            this.workers.serve(stream, move |stream| async move {
+                                handle(stream, peer, conn).await;
+                                drop(tracked);
+                            });
                         }
                     }
                     Err(e) => this.conns.accept_failed(&e).await,
@@ -192,7 +204,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn drain_waits_for_tasks_and_counts_the_rest() {
-        let served = Served::new(Connections::new(4));
+        let served = Served::new(Connections::new(4)).unwrap();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         served.tasks.spawn(async move {
             let _ = done_rx.await;

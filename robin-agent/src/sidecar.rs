@@ -125,7 +125,7 @@ async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     tokio::spawn(refresh_dns(settings.upstream.clone(), dst_tx));
     let upstream = Arc::new(fixed_upstream(&settings.upstream, rule.clone(), dst_rx));
     serve_admin(&settings, rule.source.clone(), registry).await?;
-    let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()));
+    let served = Served::new(Connections::for_limit(None, conns::raise_nofile_limit()))?;
     if let Some(addr) = settings.listen {
         listen_tcp(&served, addr, proxy.clone(), upstream.clone()).await?;
     }

@@ -52,7 +52,7 @@ impl Serving {
                 .context("opening the capture listener")?,
         );
         let listener_port = listener.ports().port;
-        let served = Served::new(conns.clone());
+        let served = Served::new(conns.clone())?;
         let (proxy_tx, proxy_rx) = watch::channel(proxy);
         served.serve(listener, proxy_rx, None, tracing::Span::current());
         Ok(Self {

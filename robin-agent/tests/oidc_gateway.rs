@@ -167,7 +167,7 @@ struct Harness {
     double: Double,
     dir: TempDir,
     shutdown: Option<oneshot::Sender<()>>,
-    serving: tokio::task::JoinHandle<()>,
+    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Drop for Harness {
@@ -638,6 +638,7 @@ async fn shutdown_stops_serving() {
     tokio::time::timeout(POLL_LIMIT, &mut h.serving)
         .await
         .expect("serve returns after the shutdown signal")
+        .unwrap()
         .unwrap();
     assert!(tokio::net::TcpStream::connect(h.addr).await.is_err());
 }

@@ -9,6 +9,11 @@
 //! destination and name it was dialled and verified for. HTTP/1 connections return to the pool
 //! once their response is complete; an h2 connection is shared by the requests of its key, up to
 //! [`H2_STREAMS_PER_CONN`] at a time.
+//!
+//! The pool is sharded by worker runtime ([`crate::workers`]), as Envoy's pools are per worker
+//! thread: a request only ever uses upstream connections driven by its own worker, so it never
+//! waits on another thread. The limits apply per shard, like nginx's `keepalive` per worker
+//! process.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -36,6 +41,7 @@ use super::{ProxyStats, h2_limits};
 use crate::{
     capture::{NetNs, OrigDst},
     tls::{UpstreamTls, upstream::Alpn},
+    workers,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -161,10 +167,21 @@ struct H2Conn {
     last_used: Instant,
 }
 
-/// An upstream response body; on h2 it holds its stream's slot until it ends.
+/// An upstream response body. On h2 it holds its stream's slot until it ends; on HTTP/1 it
+/// returns its connection to the pool when it ends, from the task that read it.
 pub struct UpstreamBody {
     inner: Incoming,
     stream: Option<StreamGuard>,
+    release: Option<Release>,
+}
+
+impl UpstreamBody {
+    fn end(&mut self) {
+        self.stream = None;
+        if let Some(release) = self.release.take() {
+            release.run();
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -176,8 +193,16 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
-            self.stream = None;
+        match &polled {
+            Poll::Ready(None) => self.end(),
+            // An error closes the connection: nothing to return.
+            Poll::Ready(Some(Err(_))) => {
+                self.stream = None;
+                self.release = None;
+            }
+            // hyper stops polling a body that reports its end after its last frame.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.end(),
+            _ => {}
         }
         polled
     }
@@ -188,6 +213,51 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body dropped before its end leaves the response half read: the connection closes.
+        if self.inner.is_end_stream() {
+            self.end();
+        }
+    }
+}
+
+/// An HTTP/1 connection to return to the pool once its response is complete.
+struct Release {
+    pool: Arc<Pool>,
+    key: Target,
+    sender: conn::http1::SendRequest<Incoming>,
+}
+
+impl Release {
+    /// Pools the connection at once when hyper already reports it ready for the next request
+    /// (the usual case: its driver runs on this worker and finished the response before the
+    /// body's end reached us); else a task waits for that, or for the connection to close.
+    fn run(self) {
+        if self.sender.is_ready() {
+            return self.pool.put(self.key, self.sender);
+        }
+        let Self {
+            pool,
+            key,
+            mut sender,
+        } = self;
+        // Off any runtime (a body dropped by a test thread) the connection just closes.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::downgrade(&pool);
+        runtime.spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.put(key, sender);
+            }
+        });
     }
 }
 
@@ -233,13 +303,14 @@ struct State {
     sweeper: bool,
 }
 
-/// The proxy's upstream connections. Its lock is never held across an `.await`.
+/// The proxy's upstream connections. Its locks are never held across an `.await`.
 pub struct Pool {
     limits: PoolLimits,
     tls: UpstreamTls,
     dialer: Dialer,
     stats: Arc<ProxyStats>,
-    state: Mutex<State>,
+    /// One per worker runtime; only that worker's tasks use it, so its lock is uncontended.
+    shards: Box<[Mutex<State>]>,
 }
 
 impl Pool {
@@ -254,13 +325,15 @@ impl Pool {
             tls,
             dialer,
             stats,
-            state: Mutex::new(State::default()),
+            shards: (0..workers::count()).map(|_| Mutex::default()).collect(),
         })
     }
 
+    /// The calling worker's shard (the first one off the workers: tests, the control runtime).
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        let shard = &self.shards[workers::current().unwrap_or(0) % self.shards.len()];
         // A poisoned lock only means a panic elsewhere; every update leaves the map whole.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A pooled connection for `key` that hyper reports ready, if any.
@@ -318,20 +391,6 @@ impl Pool {
         }
     }
 
-    /// Returns an HTTP/1 connection once its response is complete (hyper reports it ready
-    /// again only then); a connection that closes instead, or finds the pool full, is dropped.
-    fn release(self: &Arc<Self>, key: Target, mut sender: conn::http1::SendRequest<Incoming>) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            if let Some(pool) = pool.upgrade() {
-                pool.put(key, sender);
-            }
-        });
-    }
-
     fn put(self: &Arc<Self>, key: Target, sender: conn::http1::SendRequest<Incoming>) {
         let mut st = self.state();
         if st.idle_total >= self.limits.idle_total {
@@ -352,7 +411,8 @@ impl Pool {
         }
     }
 
-    /// Closes connections idle past the timeout (or already closed) and forgets empty keys.
+    /// Closes the calling worker's connections idle past the timeout (or already closed) and
+    /// forgets its empty keys; each shard's sweeper runs on the shard's worker.
     fn sweep(&self) {
         let timeout = self.limits.idle_timeout;
         let mut st = self.state();
@@ -550,8 +610,8 @@ impl Upstream {
         })
     }
 
-    /// Sends on a checked-out connection; an HTTP/1 connection goes back to the pool after a
-    /// complete response unless the response upgraded it.
+    /// Sends on a checked-out connection; an HTTP/1 connection goes back to the pool when the
+    /// response body ends ([`UpstreamBody`]) unless the response upgraded it.
     ///
     /// The one retry rule: when the connection came from the pool and hyper hands the request
     /// back (`TrySendError::take_message`), hyper guarantees it never started writing it (the
@@ -576,16 +636,22 @@ impl Upstream {
                 Ok(resp.map(|inner| UpstreamBody {
                     inner,
                     stream: Some(stream),
+                    release: None,
                 }))
             }
             Sender::Http1(mut s) => {
                 let resp = s.try_send_request(req).await.map_err(unsent)?;
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    self.pool.release(self.target.clone(), s);
-                }
+                // An upgraded connection belongs to the tunnel from now on.
+                let release =
+                    (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
+                        pool: self.pool.clone(),
+                        key: self.target.clone(),
+                        sender: s,
+                    });
                 Ok(resp.map(|inner| UpstreamBody {
                     inner,
                     stream: None,
+                    release,
                 }))
             }
         }
