@@ -76,9 +76,10 @@ pub struct Limits {
     pub h2_keep_alive: Duration,
     pub h2_max_concurrent_streams: u32,
     pub connect_timeout: Duration,
-    /// Idle upstream HTTP/1 connections kept per (destination, server name, ALPN), per worker.
+    /// Idle upstream HTTP/1 connections kept per (destination, server name, ALPN); split
+    /// evenly between the workers' pool shards.
     pub upstream_idle_per_key: usize,
-    /// Idle upstream HTTP/1 connections kept in all, per worker.
+    /// Idle upstream HTTP/1 connections kept in all; split likewise.
     pub upstream_idle_total: usize,
     /// How long an idle upstream connection is kept for reuse.
     pub upstream_idle_timeout: Duration,

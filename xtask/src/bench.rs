@@ -116,8 +116,13 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
     let world = world::World::build(&s, tools.as_ref())?;
     let main = sections::main_table(&s, &world, &robin_bin, &experiment)?;
     if experiment.is_set() {
+        let extras = if experiment.selects_resources() {
+            resources::measure(&s, &world, &robin_bin)?
+        } else {
+            Default::default()
+        };
         drop(world);
-        return write_experiment(&header.finish(), &s, &main, &experiment);
+        return write_experiment(&header.finish(), &s, &main, &extras, &experiment);
     }
     let capture = sections::capture_cost(&s, &world, &robin_bin)?;
     let extras = resources::measure(&s, &world, &robin_bin)?;
@@ -155,10 +160,11 @@ fn write_experiment(
     header: &report::Header,
     s: &Settings,
     main: &[rounds::Outcome],
+    extras: &resources::Extras,
     experiment: &sections::Experiment,
 ) -> anyhow::Result<()> {
     let violations = guard::check(main.iter());
-    let table = report::render(header, s, main, &[], &Default::default(), &violations)?;
+    let table = report::render(header, s, main, &[], extras, &violations)?;
     let text = format!("Experiment: {experiment:?}\n\n{table}");
     print!("{text}");
     let dir = workspace_root().join("bench/results/experiments");

@@ -12,8 +12,9 @@
 //!
 //! The pool is sharded by worker runtime ([`crate::workers`]), as Envoy's pools are per worker
 //! thread: a request only ever uses upstream connections driven by its own worker, so it never
-//! waits on another thread. The limits apply per shard, like nginx's `keepalive` per worker
-//! process.
+//! waits on another thread. The idle limits are the process's, split evenly between the shards
+//! (nginx's `keepalive` is per worker process instead), so the memory they bound does not grow
+//! with the number of workers.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -314,18 +315,31 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool with one shard per worker; `limits` are the process's, split evenly.
     pub fn new(
         limits: PoolLimits,
         tls: UpstreamTls,
         dialer: Dialer,
         stats: Arc<ProxyStats>,
     ) -> Arc<Self> {
+        Self::sharded(limits, tls, dialer, stats, workers::count())
+    }
+
+    fn sharded(
+        mut limits: PoolLimits,
+        tls: UpstreamTls,
+        dialer: Dialer,
+        stats: Arc<ProxyStats>,
+        shards: usize,
+    ) -> Arc<Self> {
+        limits.idle_per_key = limits.idle_per_key.div_ceil(shards);
+        limits.idle_total = limits.idle_total.div_ceil(shards);
         Arc::new(Self {
             limits,
             tls,
             dialer,
             stats,
-            shards: (0..workers::count()).map(|_| Mutex::default()).collect(),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
         })
     }
 
@@ -666,7 +680,7 @@ mod tests {
         let tls =
             UpstreamTls::from_pem_roots(crate::tls::tests::test_ca("Pool Test CA").0.as_bytes())
                 .unwrap();
-        Pool::new(limits, tls, Dialer::Host, Arc::default())
+        Pool::sharded(limits, tls, Dialer::Host, Arc::default(), 1)
     }
 
     fn limits() -> PoolLimits {

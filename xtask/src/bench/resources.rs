@@ -9,8 +9,9 @@ use super::{CLIENT_NS, MINT_SUFFIX, RULED, Settings, UPSTREAM_IP, assets, world:
 #[derive(Default)]
 pub struct Extras {
     pub idle_rss_kib: Option<u64>,
-    /// (connections held, RSS after handshakes, RSS after one request each).
-    pub conns_rss_kib: Option<(u32, u64, u64)>,
+    /// (connections held, RSS after handshakes, RSS 1 s after one request each, RSS 11 s
+    /// after, the connections still held).
+    pub conns_rss_kib: Option<(u32, u64, u64, u64)>,
     /// (median handshake ms, same name; median ms, distinct names; names).
     pub mint_ms: Option<(f64, f64, u32)>,
     /// (median ms robin exec → command, median ms plain fork/exec baseline).
@@ -82,6 +83,7 @@ fn idle_connections(
                     field(&text, "CONNS_RSS", 0)?,
                     field(&text, "CONNS_RSS", 1)?,
                     field(&text, "CONNS_RSS", 2)?,
+                    field(&text, "CONNS_RSS", 3)?,
                 ))
             })();
         }

@@ -240,7 +240,8 @@ pub fn main_table(
 }
 
 /// What a profiling or before/after session changes in a run (environment variables):
-/// `ROBIN_BENCH_ONLY` runs only the main scenarios whose title contains it (and nothing else);
+/// `ROBIN_BENCH_ONLY` runs only the main scenarios whose title contains it (and nothing else;
+/// `resources` runs Robin's resource figures: RSS idle and with 1,000 connections, mint time);
 /// `ROBIN_BENCH_BASELINE` adds, next to Robin in every scenario, the same path run by another
 /// `robin` binary, interleaved in the same rounds, so a change is measured against the build
 /// before it in one run. Such a run is an experiment: it never replaces the published results.
@@ -261,6 +262,11 @@ impl Experiment {
 
     pub fn is_set(&self) -> bool {
         self.only.is_some() || self.baseline.is_some()
+    }
+
+    /// `ROBIN_BENCH_ONLY=resources`: the resource figures (with Robin's binary only).
+    pub fn selects_resources(&self) -> bool {
+        self.only.as_deref() == Some("resources")
     }
 
     fn selects(&self, title: &str) -> bool {
