@@ -210,4 +210,39 @@ mod tests {
         assert!(current().is_none(), "the test thread is no worker");
         release_tx.send(true).unwrap();
     }
+
+    /// A socket accepted on another runtime is read and written by a worker, and the
+    /// accepting runtime's I/O driver lets go of it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_accepted_socket_is_served_on_a_worker() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let workers = Workers::start().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let (served_on, on_worker) = oneshot::channel();
+        workers.serve(
+            accepted,
+            move |mut stream: tokio::net::TcpStream| async move {
+                let mut ping = [0u8; 4];
+                stream.read_exact(&mut ping).await.unwrap();
+                stream.write_all(b"pong").await.unwrap();
+                let _ = served_on.send(current());
+            },
+        );
+        client.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut pong))
+            .await
+            .expect("the worker answers")
+            .unwrap();
+        assert_eq!(&pong, b"pong");
+        assert!(on_worker.await.unwrap().is_some(), "served on a worker");
+        // The connection task ended and dropped the socket: the client reads end of stream.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
 }
