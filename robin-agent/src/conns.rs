@@ -311,6 +311,28 @@ impl Drop for Busy {
     }
 }
 
+/// One holder counted in a shared gauge for as long as it lives: a worker's live connections,
+/// an upstream h2 connection's open streams.
+#[derive(Debug)]
+pub struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    pub fn on(gauge: &Arc<AtomicUsize>) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge.clone())
+    }
+
+    pub fn gauge(&self) -> &Arc<AtomicUsize> {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Trims the heap whenever the connection count has fallen to half of its peak since the last
 /// look (a storm ending), checking every [`TRIM_INTERVAL`], and once more on the next look:
 /// what closed connections leave behind (lingering closes, pooled upstreams) is freed a little

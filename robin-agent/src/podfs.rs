@@ -236,15 +236,6 @@ mod tests {
 
     use super::*;
 
-    /// A scratch directory: its path, and the `TempDir` that removes it when dropped.
-    fn scratch(tag: &str) -> (PathBuf, tempfile::TempDir) {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("robin-podfs-{tag}-"))
-            .tempdir()
-            .unwrap();
-        (tmp.path().to_owned(), tmp)
-    }
-
     fn root_at(dir: &Path) -> PodRoot {
         PodRoot::at_dir(dir, 0)
     }
@@ -252,7 +243,8 @@ mod tests {
     #[test]
     fn absolute_symlinks_and_dotdot_stay_inside_the_root() {
         probe().expect("openat2 on the test kernel");
-        let (d, _tmp) = scratch("inroot");
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
         let root = d.join("root");
         std::fs::create_dir_all(root.join("run/secrets")).unwrap();
         std::fs::write(root.join("run/secrets/t"), "inside").unwrap();
@@ -276,7 +268,8 @@ mod tests {
 
     #[test]
     fn magic_links_are_refused() {
-        let (d, _tmp) = scratch("magic");
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
         symlink(
             format!("/proc/{}/root/etc", std::process::id()),
             d.join("jump"),
@@ -291,7 +284,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_asks_for_another_process_once() {
-        let (d, _tmp) = scratch("reselect");
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
         std::fs::create_dir_all(d.join("app")).unwrap();
         std::fs::create_dir_all(d.join("pause")).unwrap();
         std::fs::write(d.join("app/token"), "t").unwrap();

@@ -21,6 +21,8 @@ use std::{
 use anyhow::Context as _;
 use tokio::{runtime, sync::oneshot};
 
+use crate::conns::Counted;
+
 /// Blocking-pool threads per worker runtime: token reads that must block are rare here (see
 /// `standalone::MAX_BLOCKING_THREADS` for why the pool is capped at all).
 const BLOCKING_THREADS_PER_WORKER: usize = 2;
@@ -95,7 +97,7 @@ impl Workers {
 
     /// Runs `task` on the least busy worker (ties go to the first, so connections made one
     /// after another share one worker and its pooled upstream connections).
-    pub fn spawn<F>(&self, task: F)
+    fn spawn<F>(&self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -104,7 +106,7 @@ impl Workers {
             .iter()
             .min_by_key(|w| w.live.load(Ordering::Relaxed))
             .expect("at least one worker");
-        let live = LiveGuard::on(&worker.live);
+        let live = Counted::on(&worker.live);
         worker.handle.spawn(async move {
             let _live = live;
             task.await;
@@ -137,22 +139,6 @@ impl Movable for tokio::net::UnixStream {
     }
     fn attach(detached: Self::Detached) -> std::io::Result<Self> {
         Self::from_std(detached)
-    }
-}
-
-/// Counts one connection on a worker for as long as it is served.
-struct LiveGuard(Arc<AtomicUsize>);
-
-impl LiveGuard {
-    fn on(live: &Arc<AtomicUsize>) -> Self {
-        live.fetch_add(1, Ordering::Relaxed);
-        Self(live.clone())
-    }
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

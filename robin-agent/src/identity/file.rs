@@ -257,15 +257,6 @@ mod tests {
 
     use super::*;
 
-    /// A scratch directory: its path, and the `TempDir` that removes it when dropped.
-    fn scratch(tag: &str) -> (PathBuf, tempfile::TempDir) {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("robin-file-src-{tag}-"))
-            .tempdir()
-            .unwrap();
-        (tmp.path().to_owned(), tmp)
-    }
-
     /// A source that trusts even a just-written file, so the tests exercise the version
     /// comparison itself rather than the racy-read fallback.
     fn trusting(path: PathBuf) -> FileSource {
@@ -281,7 +272,8 @@ mod tests {
 
     #[tokio::test]
     async fn sees_atomic_rename_swap() {
-        let (dir, _tmp) = scratch("rename");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "first\n").unwrap();
         let src = trusting(path.clone());
@@ -294,7 +286,8 @@ mod tests {
 
     #[tokio::test]
     async fn sees_kubelet_symlink_swap() {
-        let (dir, _tmp) = scratch("symlink");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("..v1")).unwrap();
         std::fs::create_dir_all(dir.join("..v2")).unwrap();
         std::fs::write(dir.join("..v1/token"), "one").unwrap();
@@ -311,7 +304,8 @@ mod tests {
 
     #[tokio::test]
     async fn unchanged_file_is_read_once() {
-        let (dir, _tmp) = scratch("cached");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "steady").unwrap();
         let src = trusting(path);
@@ -323,7 +317,8 @@ mod tests {
 
     #[tokio::test]
     async fn in_place_rewrite_of_same_length_is_seen() {
-        let (dir, _tmp) = scratch("inplace");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "aaaa").unwrap();
         // The production window: a rewrite within the same clock tick keeps mtime, ctime, inode
@@ -341,7 +336,8 @@ mod tests {
 
     #[tokio::test]
     async fn recent_file_is_not_trusted_until_it_settles() {
-        let (dir, _tmp) = scratch("racy");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "fresh").unwrap();
         let src = FileSource::new(path);
@@ -352,7 +348,8 @@ mod tests {
 
     #[tokio::test]
     async fn deleted_file_is_an_error_not_the_cached_token() {
-        let (dir, _tmp) = scratch("deleted");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "was-here").unwrap();
         let src = trusting(path.clone());
@@ -365,7 +362,8 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_rotation_is_an_error_not_the_cached_token() {
-        let (dir, _tmp) = scratch("invalid");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("token");
         std::fs::write(&path, "good").unwrap();
         let src = trusting(path.clone());
@@ -388,10 +386,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_fifo_or_directory_is_refused_without_blocking() {
-        let (dir, _tmp) = scratch("fifo");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let fifo = dir.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR).unwrap();
-        for path in [fifo, dir.clone()] {
+        for path in [fifo, dir.to_path_buf()] {
             let err = FileSource::new(path).token().await.unwrap_err();
             assert!(err.to_string().contains("not a regular file"), "{err}");
         }
@@ -399,7 +398,8 @@ mod tests {
 
     #[tokio::test]
     async fn missing_empty_and_crlf_are_errors_without_the_value() {
-        let (dir, _tmp) = scratch("bad");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let src = FileSource::new(dir.join("absent"));
         assert!(matches!(src.token().await, Err(IdentityError::Read { .. })));
         std::fs::write(dir.join("empty"), "\n").unwrap();

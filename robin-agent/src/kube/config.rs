@@ -281,26 +281,16 @@ mod tests {
 
     use super::*;
 
-    /// A scratch directory (its path, and the `TempDir` that removes it when dropped).
-    struct Scratch {
-        path: PathBuf,
-        _dir: tempfile::TempDir,
-    }
+    /// A scratch directory, removed when dropped.
+    struct Scratch(tempfile::TempDir);
 
     impl Scratch {
-        fn new(tag: &str) -> Self {
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!("robin-kcfg-{tag}-"))
-                .tempdir()
-                .unwrap();
-            Self {
-                path: tmp.path().to_owned(),
-                _dir: tmp,
-            }
+        fn new() -> Self {
+            Self(tempfile::tempdir().unwrap())
         }
 
         fn write(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.path.join(name);
+            let p = self.0.path().join(name);
             std::fs::write(&p, text).unwrap();
             p
         }
@@ -314,7 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_what_robin_will_not_do() {
-        let s = Scratch::new("refuse");
+        let s = Scratch::new();
         let server = "{server: 'https://k'}";
         let cases = [
             (server, "{exec: {command: aws}}", "exec"),
@@ -344,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_file_wins_and_missing_files_are_skipped() {
-        let s = Scratch::new("merge");
+        let s = Scratch::new();
         let a = s.write(
             "a",
             "clusters:\n- name: c\n  cluster: {server: 'https://first:6443'}\nusers:\n- name: u\n  user: {token: first.token}\n",
@@ -353,7 +343,7 @@ mod tests {
             "b",
             "current-context: x\nclusters:\n- name: c\n  cluster: {server: 'https://second'}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n",
         );
-        let cfg = from_kubeconfig(&[s.path.join("absent"), a, b], None)
+        let cfg = from_kubeconfig(&[s.0.path().join("absent"), a, b], None)
             .await
             .unwrap();
         assert_eq!(cfg.cluster_url.host(), Some("first"));
@@ -363,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_context_plain_http_and_urls() {
-        let s = Scratch::new("missing");
+        let s = Scratch::new();
         let p = s.write("c", "clusters: []\n");
         assert!(matches!(
             from_kubeconfig(std::slice::from_ref(&p), None).await,
@@ -508,7 +498,7 @@ mod tests {
         // The certificate names "kubernetes", not the address dialled: tls-server-name decides.
         let (url, server_ca, server) =
             tls_api(vec!["kubernetes".into()], Some(issuer.pem()), None).await;
-        let s = Scratch::new("mtls");
+        let s = Scratch::new();
         let cluster = format!(
             "{{server: '{url}', certificate-authority-data: {}, tls-server-name: kubernetes}}",
             b64(&server_ca)
@@ -530,7 +520,7 @@ mod tests {
     async fn kube_api_flag_with_token_file_and_ca() {
         let (url, server_ca, server) =
             tls_api(vec!["127.0.0.1".into()], None, Some("agent.tok")).await;
-        let s = Scratch::new("flags");
+        let s = Scratch::new();
         let ca = s.write("ca.pem", &server_ca);
         let newline = s.write("token", "agent.tok\n");
         let err = flag_config(&url, Some(&newline), Some(&ca)).unwrap_err();

@@ -41,6 +41,7 @@ use tracing::{Instrument, debug};
 use super::{ProxyStats, h2_limits};
 use crate::{
     capture::{NetNs, OrigDst},
+    conns::Counted,
     tls::{UpstreamTls, upstream::Alpn},
     workers,
 };
@@ -140,25 +141,10 @@ pub struct PoolLimits {
 /// the runtime's workers share the framing work.
 pub const H2_STREAMS_PER_CONN: usize = 100;
 
-/// One open stream on an h2 connection, released when the response body ends or is dropped.
-struct StreamGuard(Arc<AtomicUsize>);
-
-impl StreamGuard {
-    fn on(streams: &Arc<AtomicUsize>) -> Self {
-        streams.fetch_add(1, Ordering::Relaxed);
-        Self(streams.clone())
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 enum Sender {
     Http1(conn::http1::SendRequest<Incoming>),
-    H2(conn::http2::SendRequest<Incoming>, StreamGuard),
+    /// With its open stream counted until the response body ends or is dropped.
+    H2(conn::http2::SendRequest<Incoming>, Counted),
 }
 
 /// A shared h2 connection and its open streams.
@@ -172,7 +158,7 @@ struct H2Conn {
 /// returns its connection to the pool when it ends, from the task that read it.
 pub struct UpstreamBody {
     inner: Incoming,
-    stream: Option<StreamGuard>,
+    stream: Option<Counted>,
     release: Option<Release>,
 }
 
@@ -366,7 +352,7 @@ impl Pool {
             .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONN)
         {
             c.last_used = Instant::now();
-            return Some(Sender::H2(c.sender.clone(), StreamGuard::on(&c.streams)));
+            return Some(Sender::H2(c.sender.clone(), Counted::on(&c.streams)));
         }
         while let Some(idle) = entry.idle.pop() {
             *idle_total -= 1;
@@ -397,7 +383,7 @@ impl Pool {
                 entry.http1_only = false;
                 entry.h2.push(H2Conn {
                     sender: h2.clone(),
-                    streams: stream.0.clone(),
+                    streams: stream.gauge().clone(),
                     last_used: Instant::now(),
                 });
             }
@@ -540,7 +526,7 @@ where
         }
         .instrument(tracing::debug_span!("upstream", %dst)),
     );
-    Ok(Sender::H2(sender, StreamGuard::on(&Arc::default())))
+    Ok(Sender::H2(sender, Counted::on(&Arc::default())))
 }
 
 /// One downstream connection's view of the pool: its key.
