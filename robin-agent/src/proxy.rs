@@ -659,20 +659,10 @@ impl Proxy {
         activity: Activity,
         conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
-        let timeout = self.inner.limits.tls_handshake_timeout;
-        let Some(mint) = &self.inner.mint else {
-            return Err("no CA to intercept tls with".to_owned());
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(mint.server_tls.clone());
-        let stream = tokio::time::timeout(timeout, acceptor.accept(io))
-            .await
-            .map_err(|_| "tls handshake with workload timed out".to_owned())?
-            .map_err(|e| format!("tls handshake with workload: {e}"))?;
-        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        let (alpn, builder) = if h2 {
-            (Alpn::H2, builder.http2_only())
-        } else {
-            (Alpn::Http1, builder.http1_only())
+        let (stream, alpn) = self.accept_tls(io).await?;
+        let builder = match alpn {
+            Alpn::H2 => builder.http2_only(),
+            Alpn::Http1 => builder.http1_only(),
         };
         let routes = Routes::Tls {
             rule,
@@ -688,15 +678,45 @@ impl Proxy {
         .map_err(|e| format!("serving https: {e}"))
     }
 
+    /// The workload's TLS handshake. The stream is returned, never borrowed by the caller: a
+    /// borrowed local stays in the connection's future for its whole life.
+    async fn accept_tls(
+        &self,
+        io: Rewind<linger::Handback>,
+    ) -> Result<
+        (
+            tokio_rustls::server::TlsStream<Rewind<linger::Handback>>,
+            Alpn,
+        ),
+        String,
+    > {
+        let timeout = self.inner.limits.tls_handshake_timeout;
+        let Some(mint) = &self.inner.mint else {
+            return Err("no CA to intercept tls with".to_owned());
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(mint.server_tls.clone());
+        let stream = tokio::time::timeout(timeout, acceptor.accept(io))
+            .await
+            .map_err(|_| "tls handshake with workload timed out".to_owned())?
+            .map_err(|e| format!("tls handshake with workload: {e}"))?;
+        let alpn = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Alpn::H2,
+            _ => Alpn::Http1,
+        };
+        Ok((stream, alpn))
+    }
+
     /// Serves the requests of one intercepted connection, each through [`intercept::handle`].
-    async fn serve_http<I>(
+    /// A plain function returning hyper's own connection future: as an `async fn` it would
+    /// hold `io` and `builder` a second time for the connection's life.
+    fn serve_http<I>(
         &self,
         builder: auto::Builder<TokioExecutor>,
         io: I,
         routes: Routes,
         activity: Activity,
         span: impl Fn() -> Span + Send + Sync + 'static,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'static
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -712,7 +732,7 @@ impl Proxy {
                 intercept::handle(ctx.clone(), req).instrument(span()),
             )
         });
-        builder.serve_connection_with_upgrades(io, svc).await
+        builder.serve_connection_with_upgrades(io, svc).into_owned()
     }
 }
 
@@ -761,4 +781,28 @@ fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_frame_size(h2_limits::MAX_FRAME_SIZE)
         .max_send_buf_size(h2_limits::MAX_SEND_BUF);
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every held connection pays for these futures whole: the connection's task, and hyper's
+    /// slot for a request's future, allocated once at its largest. The cold paths (dialling
+    /// upstream, the splice) are boxed or apart so an idle keep-alive connection stays small.
+    /// Before, the two were 16.7 KiB and 21.3 KiB (`cargo +nightly rustc -- -Zprint-type-sizes`).
+    #[test]
+    fn an_idle_connection_holds_small_futures() {
+        let request = future_size(intercept::handle);
+        assert!(request <= 4 * 1024, "request future: {request} bytes");
+        let connection = future_size(|p: &'static Proxy, (s, o, c, a)| {
+            p.serve_admitted(s, o, c, a)
+        });
+        assert!(connection <= 6 * 1024, "connection future: {connection} bytes");
+    }
 }

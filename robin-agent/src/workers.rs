@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use tokio::{runtime, sync::oneshot};
 
 use crate::conns::Counted;
@@ -107,10 +108,9 @@ impl Workers {
             .min_by_key(|w| w.live.load(Ordering::Relaxed))
             .expect("at least one worker");
         let live = Counted::on(&worker.live);
-        worker.handle.spawn(async move {
-            let _live = live;
-            task.await;
-        });
+        // A combinator, not `async move { task.await }`: an async block stores the future it
+        // awaits twice (rust-lang/rust#62958), and this one holds a whole connection.
+        worker.handle.spawn(task.map(move |()| drop(live)));
     }
 }
 

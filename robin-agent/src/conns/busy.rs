@@ -5,18 +5,20 @@ use std::{
     task::{Context, Poll},
 };
 
+use futures_util::FutureExt as _;
 use http::Response;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::Busy;
 
-/// Runs `handler`, moving `busy` into the response body it yields.
-pub async fn tracked<B, E>(
+/// Runs `handler`, moving `busy` into the response body it yields. A combinator, not an
+/// `async fn`: hyper keeps this future for the connection's life, and an `async fn` stores the
+/// future it awaits twice (rust-lang/rust#62958).
+pub fn tracked<B, E>(
     busy: Busy,
     handler: impl Future<Output = Result<Response<B>, E>>,
-) -> Result<Response<Tracked<B>>, E> {
-    let resp = handler.await?;
-    Ok(resp.map(|inner| Tracked { inner, _busy: busy }))
+) -> impl Future<Output = Result<Response<Tracked<B>>, E>> {
+    handler.map(move |resp| Ok(resp?.map(|inner| Tracked { inner, _busy: busy })))
 }
 
 pub struct Tracked<B> {
@@ -41,5 +43,25 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, future::Ready};
+
+    use super::*;
+
+    /// hyper keeps a request's future for its connection's life: wrapping one must add the
+    /// guard, not a second copy of the future (which an `async fn` awaiting it would).
+    #[test]
+    fn tracking_a_request_adds_only_the_guard() {
+        type Handler = Ready<Result<Response<[u8; 4096]>, Infallible>>;
+        fn future_size<F: Future>(_: impl FnOnce(Busy, Handler) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let wrapped = future_size(tracked);
+        let alone = std::mem::size_of::<Handler>();
+        assert!(wrapped <= alone + 64, "{wrapped} bytes for a {alone}-byte future");
     }
 }

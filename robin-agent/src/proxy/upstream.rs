@@ -602,7 +602,9 @@ impl Upstream {
 
     /// Exactly one dial, for a request whose pooled connection was closed before it was sent.
     pub async fn dial(&self) -> Result<Checkout, UpstreamError> {
-        let sender = self.pool.dial(&self.target).await?;
+        // Boxed: the dial (TCP, TLS, h2 handshakes) is the cold path, and inline it would size
+        // every request's future, which hyper keeps allocated for the connection's life.
+        let sender = Box::pin(self.pool.dial(&self.target)).await?;
         self.pool.dialled(&self.target, &sender);
         Ok(Checkout {
             sender,
