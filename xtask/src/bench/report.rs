@@ -178,13 +178,29 @@ fn rate_cells(res: &PathResult, unit: &str) -> String {
 fn added_latency(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
     let before = r.len();
     for o in main.iter().filter(|o| o.title.ends_with("(latency)")) {
-        let p50 = |role| o.by_role(role).and_then(|p| p.median_of(|m| m.p50_ms));
-        if let (Some(robin), Some(direct)) = (p50(Role::Robin), p50(Role::Direct)) {
+        let p50 = |p: &PathResult| p.median_of(|m| m.p50_ms);
+        let Some(direct) = o.by_role(Role::Direct).and_then(p50) else {
+            continue;
+        };
+        let added: Vec<String> = o
+            .results
+            .iter()
+            .filter(|p| p.spec.role != Role::Direct)
+            .filter_map(|p| {
+                let ms = p50(p)?;
+                Some(format!(
+                    "{} {:+.0} µs ({ms:.3} ms)",
+                    p.spec.label,
+                    (ms - direct) * 1000.0
+                ))
+            })
+            .collect();
+        if !added.is_empty() {
             writeln!(
                 r,
-                "Added p50, {}: {:+.0} µs (robin {robin:.3} ms, direct {direct:.3} ms, medians).",
+                "Added p50, {}: {} against direct {direct:.3} ms (medians).",
                 o.title.trim_end_matches(" (latency)"),
-                (robin - direct) * 1000.0,
+                added.join(", "),
             )?;
         }
     }
@@ -430,6 +446,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Sanity guard: passed"), "{text}");
+    }
+
+    #[test]
+    fn added_latency_is_given_for_robin_and_each_peer() {
+        let s = Settings::new(true);
+        let latency = Outcome {
+            title: "TLS (latency)".into(),
+            ..outcome()
+        };
+        let text = render(&header(), &s, &[latency], &[], &Extras::default(), &[]).unwrap();
+        // p50 = rate / 100 ms: direct 2.100, robin 1.000, nginx 0.800; squid has no runs.
+        assert!(
+            text.contains(
+                "Added p50, TLS: robin -1100 µs (1.000 ms), nginx -1300 µs (0.800 ms) against direct 2.100 ms (medians)."
+            ),
+            "{text}"
+        );
     }
 
     #[test]

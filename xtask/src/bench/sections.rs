@@ -37,6 +37,8 @@ enum Peers {
     Main {
         squid: bool,
     },
+    /// nginx and haproxy as main fronts only: what the added latency of a proxy tuned for it is.
+    Fronts,
 }
 
 struct Paths<'a> {
@@ -66,7 +68,7 @@ impl Paths<'_> {
         let (nginx, haproxy) = match peers {
             Peers::None => return v,
             Peers::H1Upstream => (NGINX_H1_PORT, HAPROXY_H1_PORT),
-            Peers::Main { .. } => (NGINX_PORT, HAPROXY_PORT),
+            Peers::Main { .. } | Peers::Fronts => (NGINX_PORT, HAPROXY_PORT),
         };
         v.push(path("nginx", REVERSE, Role::Peer, at(nginx), Via::Plain));
         v.push(path(
@@ -188,10 +190,11 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
             wrk(1, false),
             p.of(&plain, Peers::None),
         ),
+        // The peers show what the second hop costs any proxy on this machine.
         scenario(
             "TLS intercept + inject, 1 connection (latency)",
             wrk(1, false),
-            p.of(&small, Peers::None),
+            p.of(&small, Peers::Fronts),
         ),
         // What an app that can only be pointed at a proxy gets (`robin gateway`), against the
         // same client captured by eBPF: one curl, requests in a row on one connection.
