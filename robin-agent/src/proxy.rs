@@ -800,9 +800,11 @@ mod tests {
     fn an_idle_connection_holds_small_futures() {
         let request = future_size(intercept::handle);
         assert!(request <= 4 * 1024, "request future: {request} bytes");
-        let connection = future_size(|p: &'static Proxy, (s, o, c, a)| {
-            p.serve_admitted(s, o, c, a)
-        });
-        assert!(connection <= 6 * 1024, "connection future: {connection} bytes");
+        let connection =
+            future_size(|p: &'static Proxy, (s, o, c, a)| p.serve_admitted(s, o, c, a));
+        assert!(
+            connection <= 6 * 1024,
+            "connection future: {connection} bytes"
+        );
     }
 }

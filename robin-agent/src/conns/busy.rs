@@ -62,6 +62,9 @@ mod tests {
         }
         let wrapped = future_size(tracked);
         let alone = std::mem::size_of::<Handler>();
-        assert!(wrapped <= alone + 64, "{wrapped} bytes for a {alone}-byte future");
+        assert!(
+            wrapped <= alone + 64,
+            "{wrapped} bytes for a {alone}-byte future"
+        );
     }
 }

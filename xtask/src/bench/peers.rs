@@ -22,6 +22,9 @@ pub const ENVOY_PORT: u16 = 8445;
 /// nginx and haproxy fronts for the HTTP/1.1-only upstream.
 pub const NGINX_H1_PORT: u16 = 8447;
 pub const HAPROXY_H1_PORT: u16 = 8448;
+/// nginx and haproxy as plain-HTTP fronts (the plain-HTTP latency row).
+pub const NGINX_PLAIN_PORT: u16 = 8449;
+pub const HAPROXY_PLAIN_PORT: u16 = 8450;
 pub const SQUID_PORT: u16 = 3129;
 pub const MITM_PORT: u16 = 8446;
 /// Group the iptables-captured mitmproxy runs as, so its own upstream connects are not
@@ -104,6 +107,8 @@ fn port_vars() -> Vec<(&'static str, String)> {
         ("NGINX_H1_PORT", NGINX_H1_PORT),
         ("HAPROXY_PORT", HAPROXY_PORT),
         ("HAPROXY_H1_PORT", HAPROXY_H1_PORT),
+        ("NGINX_PLAIN_PORT", NGINX_PLAIN_PORT),
+        ("HAPROXY_PLAIN_PORT", HAPROXY_PLAIN_PORT),
         ("ENVOY_PORT", ENVOY_PORT),
         ("SQUID_PORT", SQUID_PORT),
     ]
@@ -120,6 +125,9 @@ pub fn start(world: &mut World) -> anyhow::Result<()> {
     world.spawn(CLIENT_NS, "haproxy", &["-f", &haproxy.to_string_lossy()])?;
     for port in [NGINX_PORT, NGINX_H1_PORT, HAPROXY_PORT, HAPROXY_H1_PORT] {
         wait_for_port(CLIENT_NS, &format!("https://127.0.0.1:{port}/small"))?;
+    }
+    for port in [NGINX_PLAIN_PORT, HAPROXY_PLAIN_PORT] {
+        wait_for_port(CLIENT_NS, &format!("http://127.0.0.1:{port}/small"))?;
     }
     Ok(())
 }

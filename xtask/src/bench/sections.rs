@@ -6,7 +6,8 @@ use super::{
     CONNECTIONS, H1_HOST, RULED, Settings, UNRULED,
     load::Load,
     peers::{
-        ENVOY_PORT, HAPROXY_H1_PORT, HAPROXY_PORT, MITM_PORT, NGINX_H1_PORT, NGINX_PORT, SQUID_PORT,
+        ENVOY_PORT, HAPROXY_H1_PORT, HAPROXY_PLAIN_PORT, HAPROXY_PORT, MITM_PORT, NGINX_H1_PORT,
+        NGINX_PLAIN_PORT, NGINX_PORT, SQUID_PORT,
     },
     rounds::{self, Outcome, PathSpec, Plan, Role, Scenario, Via},
     world::{CAP_DIRECT, CAP_IP, CAP_NAT_NS, CAP_NS, GRPC_PATH, GRPC_REQUEST, World},
@@ -37,7 +38,8 @@ enum Peers {
     Main {
         squid: bool,
     },
-    /// nginx and haproxy as main fronts only: what the added latency of a proxy tuned for it is.
+    /// nginx and haproxy as main fronts only (plain-HTTP fronts for an `http://` URL): the
+    /// added latency of the proxies users tune for it.
     Fronts,
 }
 
@@ -60,14 +62,15 @@ impl Paths<'_> {
                 robin,
             ),
         ];
+        let (scheme, rest) = url.split_once("://").unwrap_or(("https", ""));
         let at = |port: u16| {
-            let rest = url.split_once("://").map_or("", |(_, r)| r);
             let path = rest.find('/').map_or("/", |i| &rest[i..]);
-            format!("https://127.0.0.1:{port}{path}")
+            format!("{scheme}://127.0.0.1:{port}{path}")
         };
         let (nginx, haproxy) = match peers {
             Peers::None => return v,
             Peers::H1Upstream => (NGINX_H1_PORT, HAPROXY_H1_PORT),
+            Peers::Fronts if scheme == "http" => (NGINX_PLAIN_PORT, HAPROXY_PLAIN_PORT),
             Peers::Main { .. } | Peers::Fronts => (NGINX_PORT, HAPROXY_PORT),
         };
         v.push(path("nginx", REVERSE, Role::Peer, at(nginx), Via::Plain));
@@ -185,12 +188,12 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
             p.of(&plain, Peers::None),
         ),
         // Added latency is what one request pays with nothing queued in front of it.
+        // The peers show what the second hop costs any proxy on this machine.
         scenario(
             "plain HTTP inject, 1 connection (latency)",
             wrk(1, false),
-            p.of(&plain, Peers::None),
+            p.of(&plain, Peers::Fronts),
         ),
-        // The peers show what the second hop costs any proxy on this machine.
         scenario(
             "TLS intercept + inject, 1 connection (latency)",
             wrk(1, false),
