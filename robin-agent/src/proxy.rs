@@ -11,13 +11,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::service::service_fn;
+use futures_util::{TryFutureExt as _, future::Either};
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
+use tokio::{io::AsyncBufReadExt as _, net::TcpStream};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::{
@@ -423,13 +427,16 @@ impl Proxy {
     {
         let stats = &self.inner.stats;
         stats.conn_intercepted.inc();
-        let builder = server_builder(&self.inner.limits);
         let routes = Routes::Fixed(upstream);
         let span = Span::current();
         let res = self
-            .serve_http(builder, TokioIo::new(io), routes, activity, move || {
-                span.clone()
-            })
+            .serve_http(
+                HttpServer::Detect,
+                TokioIo::new(io),
+                routes,
+                activity,
+                move || span.clone(),
+            )
             .await
             .map_err(|e| format!("serving http: {e}"));
         if res.is_err() {
@@ -626,13 +633,10 @@ impl Proxy {
         activity: Activity,
         conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
-        let builder = server_builder(&self.inner.limits);
         let rules = self.inner.rules.clone();
         let routes = match front {
             Front::Tls(rule) => {
-                return self
-                    .serve_tls(io, builder, rule, name, activity, conn_span)
-                    .await;
+                return self.serve_tls(io, rule, name, activity, conn_span).await;
             }
             Front::Plain => Routes::Plain {
                 rules,
@@ -642,7 +646,8 @@ impl Proxy {
         };
         // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
         let conn_span = conn_span.clone();
-        self.serve_http(builder, TokioIo::new(io), routes, activity, move || {
+        let server = HttpServer::Detect;
+        self.serve_http(server, TokioIo::new(io), routes, activity, move || {
             conn_span.get()
         })
         .await
@@ -653,16 +658,15 @@ impl Proxy {
     async fn serve_tls(
         &self,
         io: Rewind<linger::Handback>,
-        builder: auto::Builder<TokioExecutor>,
         rule: Arc<Rule>,
         name: String,
         activity: Activity,
         conn_span: &Arc<ConnSpan>,
     ) -> Result<(), String> {
         let (stream, alpn) = self.accept_tls(io).await?;
-        let builder = match alpn {
-            Alpn::H2 => builder.http2_only(),
-            Alpn::Http1 => builder.http1_only(),
+        let server = match alpn {
+            Alpn::H2 => HttpServer::Http2,
+            Alpn::Http1 => HttpServer::Http1,
         };
         let routes = Routes::Tls {
             rule,
@@ -671,15 +675,16 @@ impl Proxy {
             orig: conn_span.orig,
         };
         let conn_span = conn_span.clone();
-        self.serve_http(builder, TokioIo::new(stream), routes, activity, move || {
+        self.serve_http(server, TokioIo::new(stream), routes, activity, move || {
             conn_span.get()
         })
         .await
         .map_err(|e| format!("serving https: {e}"))
     }
 
-    /// The workload's TLS handshake. The stream is returned, never borrowed by the caller: a
-    /// borrowed local stays in the connection's future for its whole life.
+    /// The workload's TLS handshake, then the wait for its first bytes. The stream is returned,
+    /// never borrowed by the caller: a borrowed local stays in the connection's future for its
+    /// whole life.
     async fn accept_tls(
         &self,
         io: Rewind<linger::Handback>,
@@ -695,7 +700,7 @@ impl Proxy {
             return Err("no CA to intercept tls with".to_owned());
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(mint.server_tls.clone());
-        let stream = tokio::time::timeout(timeout, acceptor.accept(io))
+        let mut stream = tokio::time::timeout(timeout, acceptor.accept(io))
             .await
             .map_err(|_| "tls handshake with workload timed out".to_owned())?
             .map_err(|e| format!("tls handshake with workload: {e}"))?;
@@ -703,15 +708,19 @@ impl Proxy {
             Some(b"h2") => Alpn::H2,
             _ => Alpn::Http1,
         };
+        // hyper's connection (8 KiB read and 8 KiB write buffers) is made when the first
+        // request's bytes are here, not for a connection that has only shaken hands. An error
+        // or EOF is hyper's to meet and report.
+        let _ = stream.fill_buf().await;
         Ok((stream, alpn))
     }
 
     /// Serves the requests of one intercepted connection, each through [`intercept::handle`].
     /// A plain function returning hyper's own connection future: as an `async fn` it would
-    /// hold `io` and `builder` a second time for the connection's life.
+    /// hold `io` a second time for the connection's life.
     fn serve_http<I>(
         &self,
-        builder: auto::Builder<TokioExecutor>,
+        server: HttpServer,
         io: I,
         routes: Routes,
         activity: Activity,
@@ -732,8 +741,41 @@ impl Proxy {
                 intercept::handle(ctx.clone(), req).instrument(span()),
             )
         });
-        builder.serve_connection_with_upgrades(io, svc).into_owned()
+        let limits = &self.inner.limits;
+        match server {
+            HttpServer::Http1 => {
+                let mut http1 = http1::Builder::new();
+                http1_limits!(http1, limits);
+                // The strict cap, checked on the parsed head too: `max_buf_size` alone bounds
+                // hyper's buffer, which a head can outgrow between two checks when the reads
+                // come in large chunks (hyper-util's auto builder does not offer this setting).
+                http1.max_header_size(limits.max_header_bytes);
+                let conn = http1.serve_connection(io, svc).with_upgrades();
+                Either::Left(Either::Left(conn.map_err(Into::into)))
+            }
+            HttpServer::Http2 => {
+                let mut http2 = http2::Builder::new(TokioExecutor::new());
+                http2_limits!(http2, limits);
+                let conn = http2.serve_connection(io, svc);
+                Either::Left(Either::Right(conn.map_err(Into::into)))
+            }
+            HttpServer::Detect => {
+                let auto = auto_server(limits);
+                Either::Right(auto.serve_connection_with_upgrades(io, svc).into_owned())
+            }
+        }
     }
+}
+
+/// Which of hyper's servers serves a connection's HTTP.
+enum HttpServer {
+    /// The workload's ALPN chose HTTP/1.1 (or none). Not hyper-util's version detection: its
+    /// 24-byte first read makes hyper grow its read buffer to 16 KiB for the connection's life.
+    Http1,
+    /// The workload's ALPN chose h2.
+    Http2,
+    /// Plain HTTP, which may be h2 with prior knowledge: hyper-util reads the preface.
+    Detect,
 }
 
 /// The rules with their sources built in `identity`.
@@ -757,29 +799,42 @@ fn build_rules(
         .collect()
 }
 
-/// The workload-facing HTTP server: header timeout and size caps for HTTP/1, explicit limits
-/// for HTTP/2 (see `h2_limits`).
-fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// The workload-facing HTTP/1 limits: header timeout and size caps. A macro because hyper's
+/// own builder and hyper-util's auto builder have the same methods but no common trait.
+macro_rules! http1_limits {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size($limits.max_header_bytes.max(8192))
+            .keep_alive(true)
+    };
+}
+
+/// The workload-facing HTTP/2 limits (see `h2_limits`), for either builder as above.
+macro_rules! http2_limits {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval($limits.h2_keep_alive)
+            .keep_alive_timeout($limits.h2_keep_alive)
+            .max_concurrent_streams($limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from($limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
+            .initial_stream_window_size(h2_limits::STREAM_WINDOW)
+            .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
+            .max_frame_size(h2_limits::MAX_FRAME_SIZE)
+            .max_send_buf_size(h2_limits::MAX_SEND_BUF)
+    };
+}
+use {http1_limits, http2_limits};
+
+/// hyper-util's server that detects the version, with both versions' limits.
+fn auto_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.h2_keep_alive)
-        .keep_alive_timeout(limits.h2_keep_alive)
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
-        .initial_stream_window_size(h2_limits::STREAM_WINDOW)
-        .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
-        .max_frame_size(h2_limits::MAX_FRAME_SIZE)
-        .max_send_buf_size(h2_limits::MAX_SEND_BUF);
+    http1_limits!(builder.http1(), limits);
+    http2_limits!(builder.http2(), limits);
     builder
 }
 
