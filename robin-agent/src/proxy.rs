@@ -688,13 +688,7 @@ impl Proxy {
     async fn accept_tls(
         &self,
         io: Rewind<linger::Handback>,
-    ) -> Result<
-        (
-            tokio_rustls::server::TlsStream<Rewind<linger::Handback>>,
-            Alpn,
-        ),
-        String,
-    > {
+    ) -> Result<(WorkloadTls, Alpn), String> {
         let timeout = self.inner.limits.tls_handshake_timeout;
         let Some(mint) = &self.inner.mint else {
             return Err("no CA to intercept tls with".to_owned());
@@ -766,6 +760,9 @@ impl Proxy {
         }
     }
 }
+
+/// An intercepted connection after Robin's TLS handshake with the workload.
+type WorkloadTls = tokio_rustls::server::TlsStream<Rewind<linger::Handback>>;
 
 /// Which of hyper's servers serves a connection's HTTP.
 enum HttpServer {
