@@ -132,6 +132,23 @@ pub(crate) mod h2_limits {
     /// Decoded size of an upstream's response header section (HPACK bombs stop here); towards
     /// workloads `Limits::max_header_bytes` (64 KiB) applies.
     pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+    /// Sets the limits above that a server and a client builder share (reset floods, windows,
+    /// frame and send-buffer sizes) on any of hyper's h2 builders; they have no common trait.
+    macro_rules! shared {
+        ($builder:expr) => {
+            $builder
+                .max_pending_accept_reset_streams(
+                    $crate::proxy::h2_limits::MAX_PENDING_ACCEPT_RESETS,
+                )
+                .max_local_error_reset_streams($crate::proxy::h2_limits::MAX_LOCAL_ERROR_RESETS)
+                .initial_stream_window_size($crate::proxy::h2_limits::STREAM_WINDOW)
+                .initial_connection_window_size($crate::proxy::h2_limits::CONNECTION_WINDOW)
+                .max_frame_size($crate::proxy::h2_limits::MAX_FRAME_SIZE)
+                .max_send_buf_size($crate::proxy::h2_limits::MAX_SEND_BUF)
+        };
+    }
+    pub(crate) use shared;
 }
 
 /// A rule with its identity source built.
@@ -811,18 +828,14 @@ macro_rules! http1_limits {
 /// The workload-facing HTTP/2 limits (see `h2_limits`), for either builder as above.
 macro_rules! http2_limits {
     ($builder:expr, $limits:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval($limits.h2_keep_alive)
-            .keep_alive_timeout($limits.h2_keep_alive)
-            .max_concurrent_streams($limits.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from($limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
-            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
-            .initial_stream_window_size(h2_limits::STREAM_WINDOW)
-            .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
-            .max_frame_size(h2_limits::MAX_FRAME_SIZE)
-            .max_send_buf_size(h2_limits::MAX_SEND_BUF)
+        h2_limits::shared!(
+            $builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval($limits.h2_keep_alive)
+                .keep_alive_timeout($limits.h2_keep_alive)
+                .max_concurrent_streams($limits.h2_max_concurrent_streams)
+                .max_header_list_size(u32::try_from($limits.max_header_bytes).unwrap_or(u32::MAX))
+        )
     };
 }
 use {http1_limits, http2_limits};

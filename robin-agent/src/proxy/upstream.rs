@@ -504,17 +504,15 @@ async fn h2_handshake<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, Upstrea
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .max_header_list_size(h2_limits::MAX_HEADER_LIST)
-        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESETS)
-        .initial_stream_window_size(h2_limits::STREAM_WINDOW)
-        .initial_connection_window_size(h2_limits::CONNECTION_WINDOW)
-        .max_frame_size(h2_limits::MAX_FRAME_SIZE)
-        .max_send_buf_size(h2_limits::MAX_SEND_BUF)
+    let mut builder = conn::http2::Builder::new(TokioExecutor::new());
+    h2_limits::shared!(
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_header_list_size(h2_limits::MAX_HEADER_LIST)
+    );
+    let (sender, connection) = builder
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Handshake(dst, e))?;
