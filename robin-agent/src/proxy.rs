@@ -38,6 +38,7 @@ mod inject;
 mod intercept;
 mod linger;
 pub mod metrics;
+pub mod park;
 mod respond;
 mod rewind;
 mod route;
@@ -76,6 +77,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Time allowed to receive a request's header section, including keep-alive idle time.
     pub header_read_timeout: Duration,
+    /// An HTTP/1.1 connection (TLS) with no request in flight for this long gives hyper's
+    /// buffers back until its next request ([`park`]).
+    pub park_after: Duration,
     /// HTTP/2 PING interval and timeout for idle or dead connections.
     pub h2_keep_alive: Duration,
     pub h2_max_concurrent_streams: u32,
@@ -97,6 +101,9 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            // Long enough that a busy keep-alive connection never parks between requests,
+            // short enough that a pool of idle ones costs little within seconds.
+            park_after: Duration::from_secs(1),
             h2_keep_alive: Duration::from_secs(30),
             h2_max_concurrent_streams: 256,
             connect_timeout: Duration::from_secs(10),
@@ -447,13 +454,9 @@ impl Proxy {
         let routes = Routes::Fixed(upstream);
         let span = Span::current();
         let res = self
-            .serve_http(
-                HttpServer::Detect,
-                TokioIo::new(io),
-                routes,
-                activity,
-                move || span.clone(),
-            )
+            .serve_http(HttpServer::Detect, io, routes, activity, move || {
+                span.clone()
+            })
             .await
             .map_err(|e| format!("serving http: {e}"));
         if res.is_err() {
@@ -664,11 +667,9 @@ impl Proxy {
         // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
         let conn_span = conn_span.clone();
         let server = HttpServer::Detect;
-        self.serve_http(server, TokioIo::new(io), routes, activity, move || {
-            conn_span.get()
-        })
-        .await
-        .map_err(|e| format!("serving http: {e}"))
+        self.serve_http(server, io, routes, activity, move || conn_span.get())
+            .await
+            .map_err(|e| format!("serving http: {e}"))
     }
 
     /// TLS terminated with a leaf for `name`, then HTTP/1.1 or h2 as the workload's ALPN says.
@@ -692,11 +693,9 @@ impl Proxy {
             orig: conn_span.orig,
         };
         let conn_span = conn_span.clone();
-        self.serve_http(server, TokioIo::new(stream), routes, activity, move || {
-            conn_span.get()
-        })
-        .await
-        .map_err(|e| format!("serving https: {e}"))
+        self.serve_http(server, stream, routes, activity, move || conn_span.get())
+            .await
+            .map_err(|e| format!("serving https: {e}"))
     }
 
     /// The workload's TLS handshake, then the wait for its first bytes. The stream is returned,
@@ -729,26 +728,28 @@ impl Proxy {
     /// Serves the requests of one intercepted connection, each through [`intercept::handle`].
     /// A plain function returning hyper's own connection future: as an `async fn` it would
     /// hold `io` a second time for the connection's life.
-    fn serve_http<I>(
+    fn serve_http<T>(
         &self,
         server: HttpServer,
-        io: I,
+        io: T,
         routes: Routes,
         activity: Activity,
-        span: impl Fn() -> Span + Send + Sync + 'static,
+        span: impl Fn() -> Span + Clone + Unpin + Send + Sync + 'static,
     ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'static
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let ctx = Arc::new(intercept::ConnCtx {
             routes,
             pool: self.inner.upstream.clone(),
             stats: self.inner.stats.clone(),
         });
+        let requests = Arc::new(park::Requests::default());
+        let in_flight = requests.clone();
         // hyper runs each h2 stream on its own task: carry the connection span explicitly.
         let svc = service_fn(move |req| {
             crate::conns::busy::tracked(
-                activity.busy(),
+                (activity.busy(), in_flight.begin()),
                 intercept::handle(ctx.clone(), req).instrument(span()),
             )
         });
@@ -761,18 +762,23 @@ impl Proxy {
                 // hyper's buffer, which a head can outgrow between two checks when the reads
                 // come in large chunks (hyper-util's auto builder does not offer this setting).
                 http1.max_header_size(limits.max_header_bytes);
-                let conn = http1.serve_connection(io, svc).with_upgrades();
-                Either::Left(Either::Left(conn.map_err(Into::into)))
+                let park = park::Park {
+                    after: limits.park_after,
+                    header_read_timeout: limits.header_read_timeout,
+                    parked: self.inner.stats.conn_parked.clone(),
+                };
+                Either::Left(Either::Left(park::serve(io, http1, svc, requests, park)))
             }
             HttpServer::Http2 => {
                 let mut http2 = http2::Builder::new(TokioExecutor::new());
                 http2_limits!(http2, limits);
-                let conn = http2.serve_connection(io, svc);
+                let conn = http2.serve_connection(TokioIo::new(io), svc);
                 Either::Left(Either::Right(conn.map_err(Into::into)))
             }
             HttpServer::Detect => {
                 let auto = auto_server(limits);
-                Either::Right(auto.serve_connection_with_upgrades(io, svc).into_owned())
+                let conn = auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                Either::Right(conn.into_owned())
             }
         }
     }

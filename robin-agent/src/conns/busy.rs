@@ -11,22 +11,23 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::Busy;
 
-/// Runs `handler`, moving `busy` into the response body it yields. A combinator, not an
-/// `async fn`: hyper keeps this future for the connection's life, and an `async fn` stores the
-/// future it awaits twice (rust-lang/rust#62958).
-pub fn tracked<B, E>(
-    busy: Busy,
+/// Runs `handler`, moving `busy` (a [`Busy`], with any other guard the request holds) into the
+/// response body it yields. A combinator, not an `async fn`: hyper keeps this future for the
+/// connection's life, and an `async fn` stores the future it awaits twice
+/// (rust-lang/rust#62958).
+pub fn tracked<B, E, G>(
+    busy: G,
     handler: impl Future<Output = Result<Response<B>, E>>,
-) -> impl Future<Output = Result<Response<Tracked<B>>, E>> {
+) -> impl Future<Output = Result<Response<Tracked<B, G>>, E>> {
     handler.map(move |resp| Ok(resp?.map(|inner| Tracked { inner, _busy: busy })))
 }
 
-pub struct Tracked<B> {
+pub struct Tracked<B, G = Busy> {
     inner: B,
-    _busy: Busy,
+    _busy: G,
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
+impl<B: Body + Unpin, G: Unpin> Body for Tracked<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -131,6 +131,7 @@ mod tests {
             "robin_audience_mismatches counter",
             "robin_upstream_responses counter",
             "robin_upstream_redials counter",
+            "robin_connections_parked counter",
             "robin_bytes counter",
             "robin_connections counter",
             "robin_leaf_cache counter",

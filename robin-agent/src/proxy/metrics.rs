@@ -93,6 +93,8 @@ pub struct ProxyStats {
     pub conn_spliced: Counter,
     pub conn_failed: Counter,
     pub conn_splice_failed: Counter,
+    /// Idle HTTP/1.1 connections whose HTTP state was released until their next request.
+    pub conn_parked: Counter,
     /// Requests no rule matched (`rule="-"`).
     pub unruled_requests: ByClass,
     pub upstream_errors: Counter,
@@ -156,6 +158,7 @@ impl ProxyStats {
             conn_spliced: conn(Outcome::Spliced),
             conn_failed: conn(Outcome::Failed),
             conn_splice_failed: conn(Outcome::SpliceFailed),
+            conn_parked: Counter::default(),
             unruled_requests: rules.requests(NO_RULE),
             upstream_errors: Counter::default(),
             upstream_connects: Counter::default(),
@@ -206,6 +209,11 @@ impl ProxyStats {
             "Time to get the token for a request from the rule's identity source",
             Unit::Seconds,
             f.identity_fetch.clone(),
+        );
+        r.register(
+            "robin_connections_parked",
+            "Idle HTTP/1.1 connections whose HTTP buffers were released until their next request",
+            self.conn_parked.clone(),
         );
         self.register_upstream(r);
     }
