@@ -77,8 +77,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Time allowed to receive a request's header section, including keep-alive idle time.
     pub header_read_timeout: Duration,
-    /// An HTTP/1.1 connection (TLS) with no request in flight for this long gives hyper's
-    /// buffers back until its next request ([`park`]).
+    /// An intercepted HTTP/1 connection with no request for this long (up to twice it) gives
+    /// hyper's buffers back until its next request ([`park`]).
     pub park_after: Duration,
     /// HTTP/2 PING interval and timeout for idle or dead connections.
     pub h2_keep_alive: Duration,
@@ -664,9 +664,17 @@ impl Proxy {
             },
             Front::Forward(resolver) => Routes::Forward { rules, resolver },
         };
-        // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request.
+        // HTTP/1.0, 1.1 and h2 with prior knowledge: hyper parses every request. The sniffed
+        // request line tells them apart, so a plain HTTP/1 connection gets the server that
+        // parks; a forward proxy's first bytes were read by the gateway, so hyper-util looks.
         let conn_span = conn_span.clone();
-        let server = HttpServer::Detect;
+        let server = match &routes {
+            Routes::Plain { .. } if io.unread_prefix().starts_with(H2_PREFACE_LINE) => {
+                HttpServer::Http2
+            }
+            Routes::Plain { .. } => HttpServer::Http1,
+            _ => HttpServer::Detect,
+        };
         self.serve_http(server, io, routes, activity, move || conn_span.get())
             .await
             .map_err(|e| format!("serving http: {e}"))
@@ -787,14 +795,20 @@ impl Proxy {
 /// An intercepted connection after Robin's TLS handshake with the workload.
 type WorkloadTls = tokio_rustls::server::TlsStream<Rewind<linger::Handback>>;
 
+/// The request line of the h2 connection preface (RFC 9113 §3.4): plain HTTP that starts with
+/// it is h2 with prior knowledge.
+const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// Which of hyper's servers serves a connection's HTTP.
 enum HttpServer {
-    /// The workload's ALPN chose HTTP/1.1 (or none). Not hyper-util's version detection: its
-    /// 24-byte first read makes hyper grow its read buffer to 16 KiB for the connection's life.
+    /// The workload's ALPN chose HTTP/1.1 (or none), or plain HTTP/1. Not hyper-util's version
+    /// detection: its 24-byte first read makes hyper grow its read buffer to 16 KiB for the
+    /// connection's life, and its connection cannot hand the stream back to park.
     Http1,
-    /// The workload's ALPN chose h2.
+    /// The workload's ALPN chose h2, or plain HTTP began with the h2 preface.
     Http2,
-    /// Plain HTTP, which may be h2 with prior knowledge: hyper-util reads the preface.
+    /// A stream nothing was sniffed from (`robin proxy`, a forward-proxy connection):
+    /// hyper-util reads the preface.
     Detect,
 }
 

@@ -10,6 +10,7 @@ use harness::*;
 use http::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use robin_agent::metrics::StatusClass;
+use robin_agent::proxy::{Limits, Proxy};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -331,4 +332,46 @@ async fn connection_option_naming_the_credential_header_keeps_the_token() {
     )
     .await;
     assert!(out.contains("x-seen-auth: Bearer tok-1\r\n"), "{out}");
+}
+
+/// An idle keep-alive connection parks (hyper's connection ended, the socket kept) and serves
+/// its next requests as before, each with the token current at that time.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_parks_and_keeps_injecting() {
+    let env = Env::new("park");
+    let up = upstream_plain().await;
+    let limits = Limits {
+        park_after: std::time::Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let cfg = env.config_with(r#"plaintext = { allow_cidrs = ["127.0.0.0/8"] }"#);
+    let proxy = Proxy::with_limits(&cfg, limits).unwrap();
+    let addr = front(proxy.clone(), up.addr).await;
+    let mut send = within(plain(addr)).await;
+    for parks in 1..=3 {
+        if parks == 3 {
+            env.set_token("tok-2");
+        }
+        let resp = within(send.send_request(get("/p", HOST))).await.unwrap();
+        let want = if parks == 3 {
+            "Bearer tok-2"
+        } else {
+            "Bearer tok-1"
+        };
+        assert_eq!(header(&resp, "x-seen-auth"), want);
+        body_string(resp).await;
+        let parked = || proxy.stats().conn_parked.get();
+        within(async {
+            while parked() < parks {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    assert_eq!(up.requests(), 3);
+    assert_eq!(
+        proxy.stats().conn_intercepted.get(),
+        1,
+        "one client connection"
+    );
 }

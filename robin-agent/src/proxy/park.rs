@@ -1,10 +1,10 @@
-//! Idle HTTP/1.1 connections give hyper's buffers back ("parking").
+//! Idle HTTP/1 connections give hyper's buffers back ("parking").
 //!
 //! hyper's HTTP/1 server keeps an 8 KiB read buffer, an 8 KiB write buffer and a slot sized
 //! for a request's future for as long as its connection lives, between requests too: with
 //! 1,000 held keep-alive connections that was most of Robin's heap. nginx frees its buffers as
 //! soon as a keep-alive connection goes idle (`ngx_http_set_keepalive`); hyper has no such
-//! mode. So once a connection has had no request in flight for [`Park::after`], Robin ends
+//! mode. So one to two [`Park::after`]s after a connection's last request ended, Robin ends
 //! hyper's connection *without closing the stream*, keeps only the (TLS) stream, and serves
 //! the workload's next request with a new hyper connection once its first byte arrives.
 //!
@@ -51,7 +51,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// When and for how long a connection parks.
 #[derive(Clone, Debug)]
 pub struct Park {
-    /// No request in flight for this long parks the connection.
+    /// No request begun or in flight for this long (checked every `after`) parks the
+    /// connection.
     pub after: Duration,
     /// The keep-alive idle time and header-read time allowed in all, parked or not.
     pub header_read_timeout: Duration,

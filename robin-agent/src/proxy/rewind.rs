@@ -36,6 +36,11 @@ impl<T> Rewind<T> {
             counts,
         }
     }
+
+    /// The bytes still to be replayed.
+    pub fn unread_prefix(&self) -> &[u8] {
+        &self.prefix[self.pos..]
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
