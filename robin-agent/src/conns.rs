@@ -41,10 +41,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// A storm smaller than this leaves too little freed heap to be worth a trim.
 const TRIM_MIN_PEAK: usize = 64;
-/// Free heap grown by this much since the last trim (or its lowest point since) is trimmed
-/// whatever the connection count did: memory freed after the storm's trims (connections that
-/// ended late on a busy host, pooled upstream connections timing out) is returned too.
-const TRIM_FREE_GROWTH: usize = 8 << 20;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (the default soft limit, 1024, is far
 /// below what thousands of connections need) and returns the soft limit in force.
@@ -76,26 +72,21 @@ pub fn default_cap(nofile: u64) -> usize {
     usize::try_from(usable).unwrap_or(usize::MAX).max(1)
 }
 
-/// Gives the kernel back the free pages of every malloc arena. glibc keeps freed memory mapped
-/// unless asked; after a connection storm that was tens of MiB.
+/// Gives the kernel back the free pages of every jemalloc arena now, rather than within its
+/// decay time (the binary's allocator, `main.rs`).
 pub fn trim_heap() {
-    // SAFETY: malloc_trim only returns free pages to the kernel; no allocation is touched.
-    #[cfg(target_env = "gnu")]
+    // MALLCTL_ARENAS_ALL: every arena.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a purge takes no argument and returns nothing; it only releases unused pages.
     unsafe {
-        libc::malloc_trim(0);
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
     }
-}
-
-/// Bytes the allocator holds free in its arenas (returned pages included: a trim does not
-/// lower it, reuse does).
-fn free_heap() -> usize {
-    // SAFETY: mallinfo2 only reads the arenas' statistics (under their locks).
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallinfo2().fordblks
-    }
-    #[cfg(not(target_env = "gnu"))]
-    0
 }
 
 #[derive(Debug, Default)]
@@ -336,13 +327,11 @@ impl Drop for Counted {
 /// Trims the heap whenever the connection count has fallen to half of its peak since the last
 /// look (a storm ending), checking every [`TRIM_INTERVAL`], and once more on the next look:
 /// what closed connections leave behind (lingering closes, pooled upstreams) is freed a little
-/// later than the connections themselves. Also trims when the free heap has grown by
-/// [`TRIM_FREE_GROWTH`]. Runs forever.
+/// later than the connections themselves. Runs forever.
 pub async fn trim_when_load_falls(conns: Arc<Connections>) {
     let mut tick = tokio::time::interval(TRIM_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trims_due = 0u8;
-    let mut free_low = free_heap();
     loop {
         tick.tick().await;
         let open = conns.open();
@@ -350,16 +339,10 @@ pub async fn trim_when_load_falls(conns: Arc<Connections>) {
         if peak >= TRIM_MIN_PEAK && open <= peak / 2 {
             trims_due = 2;
         }
-        let free = free_heap();
-        if free > free_low + TRIM_FREE_GROWTH {
-            trims_due = trims_due.max(1);
-        }
-        free_low = free_low.min(free);
         if trims_due > 0 {
             trims_due -= 1;
             let _ = tokio::task::spawn_blocking(trim_heap).await;
-            free_low = free_heap();
-            tracing::debug!(peak, open, free, "heap trimmed");
+            tracing::debug!(peak, open, "heap trimmed");
         }
     }
 }

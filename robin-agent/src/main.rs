@@ -4,6 +4,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// jemalloc, as linkerd2-proxy and TiKV use: after a connection storm glibc kept tens of MiB
+/// of freed heap resident in pages that live connections still touched (bench/README.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's start-up options (read by name at its first allocation): a background thread
+/// returns freed pages to the kernel about a second after they are freed, without waiting for
+/// the next allocation in their arena.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(
     name = "robin",

@@ -78,7 +78,8 @@ pub struct Limits {
     /// Time allowed to receive a request's header section, including keep-alive idle time.
     pub header_read_timeout: Duration,
     /// An intercepted HTTP/1 connection with no request for this long (up to twice it) gives
-    /// hyper's buffers back until its next request ([`park`]).
+    /// hyper's buffers back until its next request ([`park`]); so does an idle upstream one
+    /// in the pool.
     pub park_after: Duration,
     /// HTTP/2 PING interval and timeout for idle or dead connections.
     pub h2_keep_alive: Duration,
@@ -356,6 +357,7 @@ impl Proxy {
                 idle_per_key: limits.upstream_idle_per_key,
                 idle_total: limits.upstream_idle_total,
                 idle_timeout: limits.upstream_idle_timeout,
+                park_after: limits.park_after,
                 connect_timeout: limits.connect_timeout,
             },
             upstream_tls,

@@ -201,3 +201,71 @@ async fn h2_streams_past_the_per_connection_cap_open_another_connection() {
         "100 streams on the first connection, the rest on a second"
     );
 }
+
+/// A proxy whose idle connections, its pooled upstream ones included, park after 50 ms.
+fn parking_proxy(env: &Env) -> robin_agent::proxy::Proxy {
+    env.proxy_with(robin_agent::proxy::Limits {
+        park_after: Duration::from_millis(50),
+        ..Default::default()
+    })
+}
+
+/// Waits until the pool has parked an upstream connection, and its stream is back.
+async fn parked(proxy: &robin_agent::proxy::Proxy) {
+    within(async {
+        while proxy.stats().upstream_parked.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // hyper's connection hands the stream back as soon as its task sees the sender gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn an_idle_pooled_connection_parks_and_carries_the_next_request() {
+    let env = Env::new("reuse-parked");
+    let up = upstream_tls_alpn(&env.upstream_ca, H1).await;
+    let proxy = parking_proxy(&env);
+    let addr = front(proxy.clone(), up.addr).await;
+    for round in 1..=2 {
+        one_request(&env, addr, HOST, H1).await;
+        parked(&proxy).await;
+        assert_eq!(up.requests(), round);
+    }
+    assert_eq!(
+        count(&up.seen.conns),
+        1,
+        "one upstream connection, parked and reused"
+    );
+    assert_eq!(proxy.stats().upstream_connects.get(), 1);
+    assert_eq!(proxy.stats().upstream_reused.get(), 1);
+    assert!(
+        proxy.stats().upstream_parked.get() >= 2,
+        "parked after each use"
+    );
+    assert_eq!(count(&up.seen.closed), 0);
+}
+
+#[tokio::test]
+async fn a_parked_connection_the_upstream_closed_is_dialled_afresh_not_resent() {
+    let env = Env::new("reuse-parked-closed");
+    let up = upstream_tls_idle_close(&env.upstream_ca, Duration::from_millis(300)).await;
+    let proxy = parking_proxy(&env);
+    let addr = front(proxy.clone(), up.addr).await;
+    one_request(&env, addr, HOST, H1).await;
+    parked(&proxy).await;
+    within(async {
+        while count(&up.seen.closed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    one_request(&env, addr, HOST, H1).await;
+    assert_eq!(up.requests(), 2, "each request reached the upstream once");
+    assert_eq!(count(&up.seen.conns), 2);
+    // Seen closed while parked: a new dial, not the redial of a request found unsent.
+    assert_eq!(proxy.stats().upstream_retries.get(), 0);
+    assert_eq!(proxy.stats().upstream_reused.get(), 0);
+    assert_eq!(proxy.stats().upstream_errors.get(), 0);
+}

@@ -132,6 +132,7 @@ mod tests {
             "robin_upstream_responses counter",
             "robin_upstream_redials counter",
             "robin_connections_parked counter",
+            "robin_upstream_parked counter",
             "robin_bytes counter",
             "robin_connections counter",
             "robin_leaf_cache counter",

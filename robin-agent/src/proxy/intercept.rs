@@ -149,10 +149,12 @@ async fn send(
     upgrade: bool,
     mut req: Request<Incoming>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let mut checkout = upstream
-        .checkout()
-        .await
-        .map_err(ProxyError::UpstreamUnavailable)?;
+    let checkout = if upgrade {
+        upstream.dial_upgradeable().await
+    } else {
+        upstream.checkout().await
+    };
+    let mut checkout = checkout.map_err(ProxyError::UpstreamUnavailable)?;
     let mut redialled = false;
     loop {
         if upgrade && checkout.proto() == Proto::H2 {

@@ -102,6 +102,9 @@ pub struct ProxyStats {
     pub upstream_connects: Counter,
     /// Requests sent on a pooled upstream connection.
     pub upstream_reused: Counter,
+    /// Idle pooled upstream HTTP/1 connections whose HTTP state was released until their next
+    /// use.
+    pub upstream_parked: Counter,
     /// Requests sent again on a fresh connection because their pooled one was found closed
     /// before any byte of them was written.
     pub upstream_retries: Counter,
@@ -163,6 +166,7 @@ impl ProxyStats {
             upstream_errors: Counter::default(),
             upstream_connects: Counter::default(),
             upstream_reused: Counter::default(),
+            upstream_parked: Counter::default(),
             upstream_retries: Counter::default(),
             upstream_responses: ByClass::new(|class| {
                 upstream_responses_family.get_or_create_owned(&ClassLabels { class })
@@ -239,6 +243,11 @@ impl ProxyStats {
                 "robin_upstream_reused",
                 "Requests sent on a pooled upstream connection",
                 &self.upstream_reused,
+            ),
+            (
+                "robin_upstream_parked",
+                "Idle pooled upstream HTTP/1 connections whose HTTP buffers were released until their next use",
+                &self.upstream_parked,
             ),
             (
                 "robin_upstream_redials",

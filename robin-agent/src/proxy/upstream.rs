@@ -15,6 +15,11 @@
 //! waits on another thread. The idle limits are the process's, split evenly between the shards
 //! (nginx's `keepalive` is per worker process instead), so the memory they bound does not grow
 //! with the number of workers.
+//!
+//! An HTTP/1 connection idle in the pool for [`PoolLimits::park_after`] parks ([`parked`]): the
+//! pool keeps its stream and drops hyper's connection until the next checkout.
+mod parked;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -34,10 +39,14 @@ use hyper::{
     client::conn::{self, TrySendError},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::either::Either;
 use tracing::{Instrument, debug};
 
+use self::parked::{Http1Conn, ParkedIo, UpstreamIo};
 use super::{ProxyStats, h2_limits};
 use crate::{
     capture::{NetNs, OrigDst},
@@ -131,6 +140,8 @@ pub struct PoolLimits {
     pub idle_total: usize,
     /// An idle HTTP/1 connection, or an h2 connection nobody checked out, is closed after this.
     pub idle_timeout: Duration,
+    /// An idle HTTP/1 connection parks after this (up to twice it): only its stream is kept.
+    pub park_after: Duration,
     pub connect_timeout: Duration,
 }
 
@@ -142,7 +153,7 @@ pub struct PoolLimits {
 pub const H2_STREAMS_PER_CONN: usize = 100;
 
 enum Sender {
-    Http1(conn::http1::SendRequest<Incoming>),
+    Http1(Http1Conn),
     /// With its open stream counted until the response body ends or is dropped.
     H2(conn::http2::SendRequest<Incoming>, Counted),
 }
@@ -216,7 +227,7 @@ impl Drop for UpstreamBody {
 struct Release {
     pool: Arc<Pool>,
     key: Target,
-    sender: conn::http1::SendRequest<Incoming>,
+    conn: Http1Conn,
 }
 
 impl Release {
@@ -224,13 +235,13 @@ impl Release {
     /// (the usual case: its driver runs on this worker and finished the response before the
     /// body's end reached us); else a task waits for that, or for the connection to close.
     fn run(self) {
-        if self.sender.is_ready() {
-            return self.pool.put(self.key, self.sender);
+        if self.conn.sender.is_ready() {
+            return self.pool.put(self.key, self.conn);
         }
         let Self {
             pool,
             key,
-            mut sender,
+            mut conn,
         } = self;
         // Off any runtime (a body dropped by a test thread) the connection just closes.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -238,19 +249,88 @@ impl Release {
         };
         let pool = Arc::downgrade(&pool);
         runtime.spawn(async move {
-            if sender.ready().await.is_err() {
+            if conn.sender.ready().await.is_err() {
                 return;
             }
             if let Some(pool) = pool.upgrade() {
-                pool.put(key, sender);
+                pool.put(key, conn);
             }
         });
     }
 }
 
 struct Idle {
-    sender: conn::http1::SendRequest<Incoming>,
+    conn: IdleConn,
     since: Instant,
+}
+
+/// An idle HTTP/1 connection, as the sweep moves it along.
+enum IdleConn {
+    Live(Http1Conn),
+    /// Parked: hyper's connection is ending; its task hands the stream back here.
+    Parking(oneshot::Receiver<ParkedIo>),
+    Parked(ParkedIo),
+}
+
+impl IdleConn {
+    /// One sweep's step: parks a connection idle for `park_after`, takes in a stream handed
+    /// back. `false`: the connection is closed (dropping it closes its stream).
+    fn sweep(&mut self, idle_for: Duration, park_after: Duration, parked: &Counter) -> bool {
+        match self {
+            Self::Live(c) if c.sender.is_closed() => false,
+            Self::Live(_) if idle_for >= park_after => {
+                let Self::Live(c) = std::mem::replace(self, Self::Parking(oneshot::channel().1))
+                else {
+                    unreachable!("matched above")
+                };
+                match c.park() {
+                    Ok(handback) => {
+                        parked.inc();
+                        *self = Self::Parking(handback);
+                    }
+                    Err(c) => *self = Self::Live(c),
+                }
+                true
+            }
+            Self::Live(_) => true,
+            Self::Parking(handback) => match handback.try_recv() {
+                Ok(io) => {
+                    *self = Self::Parked(io);
+                    true
+                }
+                Err(oneshot::error::TryRecvError::Empty) => true,
+                Err(oneshot::error::TryRecvError::Closed) => false,
+            },
+            Self::Parked(io) => parked::reusable(io),
+        }
+    }
+
+    /// Parked, but its task has not handed the stream back yet.
+    fn handing_back(&self) -> bool {
+        matches!(self, Self::Parking(handback) if handback.is_empty())
+    }
+
+    /// The connection if it can take a request now.
+    fn take(self) -> Option<Pooled> {
+        match self {
+            Self::Live(c) => c
+                .sender
+                .is_ready()
+                .then_some(Pooled::Ready(Sender::Http1(c))),
+            Self::Parking(mut handback) => handback
+                .try_recv()
+                .ok()
+                .filter(parked::reusable)
+                .map(Pooled::Parked),
+            Self::Parked(io) => parked::reusable(&io).then_some(Pooled::Parked(io)),
+        }
+    }
+}
+
+/// What the pool hands out: a connection ready for a request, or a parked stream to make one on.
+enum Pooled {
+    Ready(Sender),
+    Parked(ParkedIo),
 }
 
 /// Serializes dials that may yield a shared h2 connection; holds when and why the last one
@@ -336,8 +416,8 @@ impl Pool {
         shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A pooled connection for `key` that hyper reports ready, if any.
-    fn take(&self, key: &Target) -> Option<Sender> {
+    /// A pooled connection for `key` that hyper reports ready, or a parked stream still open.
+    fn take(&self, key: &Target) -> Option<Pooled> {
         let mut st = self.state();
         let State {
             keys, idle_total, ..
@@ -352,14 +432,22 @@ impl Pool {
             .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONN)
         {
             c.last_used = Instant::now();
-            return Some(Sender::H2(c.sender.clone(), Counted::on(&c.streams)));
+            return Some(Pooled::Ready(Sender::H2(
+                c.sender.clone(),
+                Counted::on(&c.streams),
+            )));
         }
-        while let Some(idle) = entry.idle.pop() {
+        // The warmest first; one whose stream is on its way back stays for the next sweep.
+        while let Some(at) = entry.idle.iter().rposition(|i| !i.conn.handing_back()) {
+            let idle = entry.idle.remove(at);
             *idle_total -= 1;
-            if idle.since.elapsed() < self.limits.idle_timeout && idle.sender.is_ready() {
-                return Some(Sender::Http1(idle.sender));
+            if idle.since.elapsed() >= self.limits.idle_timeout {
+                continue;
             }
-            // Dropping the sender closes the connection; nothing is in flight on it.
+            // Dropping one that cannot serve closes it; nothing is in flight on it.
+            if let Some(pooled) = idle.conn.take() {
+                return Some(pooled);
+            }
         }
         None
     }
@@ -391,7 +479,7 @@ impl Pool {
         }
     }
 
-    fn put(self: &Arc<Self>, key: Target, sender: conn::http1::SendRequest<Incoming>) {
+    fn put(self: &Arc<Self>, key: Target, conn: Http1Conn) {
         let mut st = self.state();
         if st.idle_total >= self.limits.idle_total {
             return;
@@ -401,28 +489,36 @@ impl Pool {
             return;
         }
         entry.idle.push(Idle {
-            sender,
+            conn: IdleConn::Live(conn),
             since: Instant::now(),
         });
         st.idle_total += 1;
         if !st.sweeper {
             st.sweeper = true;
-            tokio::spawn(sweep(Arc::downgrade(self), self.limits.idle_timeout));
+            tokio::spawn(sweep(Arc::downgrade(self), self.limits.sweep_every()));
         }
     }
 
-    /// Closes the calling worker's connections idle past the timeout (or already closed) and
-    /// forgets its empty keys; each shard's sweeper runs on the shard's worker.
+    /// Closes the calling worker's connections idle past the timeout (or already closed), parks
+    /// those idle past `park_after`, and forgets its empty keys; each shard's sweeper runs on
+    /// the shard's worker.
     fn sweep(&self) {
-        let timeout = self.limits.idle_timeout;
+        let PoolLimits {
+            idle_timeout: timeout,
+            park_after,
+            ..
+        } = self.limits;
+        let parked = &self.stats.upstream_parked;
         let mut st = self.state();
         let State {
             keys, idle_total, ..
         } = &mut *st;
         keys.retain(|_, e| {
             let before = e.idle.len();
-            e.idle
-                .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+            e.idle.retain_mut(|i| {
+                let idle_for = i.since.elapsed();
+                idle_for < timeout && i.conn.sweep(idle_for, park_after, parked)
+            });
             *idle_total -= before - e.idle.len();
             e.h2.retain(|c| {
                 !c.sender.is_closed()
@@ -433,7 +529,9 @@ impl Pool {
         });
     }
 
-    async fn dial(&self, t: &Target) -> Result<Sender, UpstreamError> {
+    /// A new connection for `t`; `upgradeable` for a request asking to upgrade (see
+    /// [`parked::http1`]).
+    async fn dial(&self, t: &Target, upgradeable: bool) -> Result<Sender, UpstreamError> {
         let timeout = self.limits.connect_timeout;
         let tcp = tokio::time::timeout(timeout, self.dialer.connect(t.dst.0))
             .await
@@ -441,7 +539,7 @@ impl Pool {
             .map_err(|e| UpstreamError::Connect(t.dst, e))?;
         let _ = tcp.set_nodelay(true);
         let sender = match &t.tls_name {
-            None => http1(t.dst, TokioIo::new(tcp)).await?,
+            None => http1(t.dst, Either::Left(tcp), upgradeable).await?,
             Some(name) => {
                 let server_name = ServerName::try_from(name.clone())
                     .map_err(|_| UpstreamError::ServerName(name.clone()))?;
@@ -459,7 +557,7 @@ impl Pool {
                 if h2 {
                     h2_handshake(t.dst, TokioIo::new(tls)).await?
                 } else {
-                    http1(t.dst, TokioIo::new(tls)).await?
+                    http1(t.dst, Either::Right(tls), upgradeable).await?
                 }
             }
         };
@@ -468,8 +566,17 @@ impl Pool {
     }
 }
 
-async fn sweep(pool: Weak<Pool>, timeout: Duration) {
-    let mut tick = tokio::time::interval((timeout / 2).max(Duration::from_secs(1)));
+impl PoolLimits {
+    /// Often enough to close idle connections within 1.5 timeouts and park within 2 `park_after`s.
+    fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 2)
+            .min(self.park_after)
+            .max(Duration::from_millis(100))
+    }
+}
+
+async fn sweep(pool: Weak<Pool>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
@@ -480,24 +587,8 @@ async fn sweep(pool: Weak<Pool>, timeout: Duration) {
     }
 }
 
-async fn http1<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, UpstreamError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = conn::http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|e| UpstreamError::Handshake(dst, e))?;
-    // Not in the dialling request's span: the connection outlives it.
-    tokio::spawn(
-        async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(error = %e, "upstream http/1 connection ended");
-            }
-        }
-        .instrument(tracing::debug_span!("upstream", %dst)),
-    );
-    Ok(Sender::Http1(sender))
+async fn http1(dst: OrigDst, io: UpstreamIo, upgradeable: bool) -> Result<Sender, UpstreamError> {
+    Ok(Sender::Http1(parked::http1(dst, io, upgradeable).await?))
 }
 
 async fn h2_handshake<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, UpstreamError>
@@ -562,9 +653,15 @@ impl Upstream {
         Self { target, pool }
     }
 
-    /// A pooled connection hyper reports ready, counted as a reuse.
-    fn take_pooled(&self) -> Option<Checkout> {
-        let sender = self.pool.take(&self.target)?;
+    /// A pooled connection hyper reports ready (or a parked one, given a new hyper
+    /// connection), counted as a reuse.
+    async fn take_pooled(&self) -> Option<Checkout> {
+        let sender = match self.pool.take(&self.target)? {
+            Pooled::Ready(sender) => sender,
+            // A handshake without I/O: it fails only on a stream it never reads. Boxed, as the
+            // dial is: inline it would size every request's future.
+            Pooled::Parked(io) => Box::pin(http1(self.target.dst, *io, false)).await.ok()?,
+        };
         self.pool.stats.upstream_reused.inc();
         Some(Checkout {
             sender,
@@ -575,7 +672,7 @@ impl Upstream {
     /// A ready connection: a pooled one if hyper reports one ready, else exactly one dial.
     pub async fn checkout(&self) -> Result<Checkout, UpstreamError> {
         let asked = Instant::now();
-        if let Some(reused) = self.take_pooled() {
+        if let Some(reused) = self.take_pooled().await {
             return Ok(reused);
         }
         let Some(lock) = self.pool.dial_lock(&self.target) else {
@@ -588,7 +685,7 @@ impl Upstream {
             return Err(UpstreamError::Shared(why.clone()));
         }
         // The dial we waited for may have made a shared h2 connection with room.
-        if let Some(reused) = self.take_pooled() {
+        if let Some(reused) = self.take_pooled().await {
             return Ok(reused);
         }
         let res = self.dial().await;
@@ -600,9 +697,20 @@ impl Upstream {
 
     /// Exactly one dial, for a request whose pooled connection was closed before it was sent.
     pub async fn dial(&self) -> Result<Checkout, UpstreamError> {
+        self.dial_with(false).await
+    }
+
+    /// A connection of its own for a request asking to upgrade (WebSocket): hyper hands an
+    /// upgraded connection's stream to the tunnel, which a pooled connection, made to park,
+    /// cannot do.
+    pub async fn dial_upgradeable(&self) -> Result<Checkout, UpstreamError> {
+        self.dial_with(true).await
+    }
+
+    async fn dial_with(&self, upgradeable: bool) -> Result<Checkout, UpstreamError> {
         // Boxed: the dial (TCP, TLS, h2 handshakes) is the cold path, and inline it would size
         // every request's future, which hyper keeps allocated for the connection's life.
-        let sender = Box::pin(self.pool.dial(&self.target)).await?;
+        let sender = Box::pin(self.pool.dial(&self.target, upgradeable)).await?;
         self.pool.dialled(&self.target, &sender);
         Ok(Checkout {
             sender,
@@ -639,14 +747,14 @@ impl Upstream {
                     release: None,
                 }))
             }
-            Sender::Http1(mut s) => {
-                let resp = s.try_send_request(req).await.map_err(unsent)?;
+            Sender::Http1(mut conn) => {
+                let resp = conn.sender.try_send_request(req).await.map_err(unsent)?;
                 // An upgraded connection belongs to the tunnel from now on.
                 let release =
                     (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
                         pool: self.pool.clone(),
                         key: self.target.clone(),
-                        sender: s,
+                        conn,
                     });
                 Ok(resp.map(|inner| UpstreamBody {
                     inner,
@@ -674,6 +782,7 @@ mod tests {
             idle_per_key: 2,
             idle_total: 3,
             idle_timeout: Duration::from_secs(30),
+            park_after: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -709,11 +818,15 @@ mod tests {
         (addr, accepts)
     }
 
-    async fn dial(pool: &Arc<Pool>, t: &Target) -> conn::http1::SendRequest<Incoming> {
-        match pool.dial(t).await.unwrap() {
-            Sender::Http1(s) => s,
+    async fn dial(pool: &Arc<Pool>, t: &Target) -> Http1Conn {
+        match pool.dial(t, false).await.unwrap() {
+            Sender::Http1(c) => c,
             Sender::H2(..) => unreachable!("plain upstream"),
         }
+    }
+
+    fn ready(pooled: Option<Pooled>) -> bool {
+        matches!(pooled, Some(Pooled::Ready(Sender::Http1(_))))
     }
 
     fn idle(pool: &Pool, t: &Target) -> usize {
@@ -739,7 +852,7 @@ mod tests {
         let s = dial(&p, &a).await;
         p.put(b.clone(), s);
         assert_eq!(idle(&p, &b), 1, "total cap");
-        assert!(matches!(p.take(&b), Some(Sender::Http1(_))));
+        assert!(ready(p.take(&b)));
         assert_eq!(p.state().idle_total, 2);
     }
 
