@@ -278,17 +278,11 @@ impl IdleConn {
     fn sweep(&mut self, idle_for: Duration, park_after: Duration, parked: &Counter) -> bool {
         match self {
             Self::Live(c) if c.sender.is_closed() => false,
-            Self::Live(_) if idle_for >= park_after => {
-                let Self::Live(c) = std::mem::replace(self, Self::Parking(oneshot::channel().1))
-                else {
-                    unreachable!("matched above")
-                };
-                match c.park() {
-                    Ok(handback) => {
-                        parked.inc();
-                        *self = Self::Parking(handback);
-                    }
-                    Err(c) => *self = Self::Live(c),
+            Self::Live(c) if idle_for >= park_after => {
+                if let Some(handback) = c.take_handback() {
+                    parked.inc();
+                    // Drops hyper's only sender: its connection ends and hands the stream back.
+                    *self = Self::Parking(handback);
                 }
                 true
             }

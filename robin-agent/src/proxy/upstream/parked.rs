@@ -39,13 +39,10 @@ pub struct Http1Conn {
 }
 
 impl Http1Conn {
-    /// Ends hyper's connection (dropping the only sender); the stream arrives on the returned
-    /// receiver once no exchange is open. `Err(self)` for a connection that cannot park.
-    pub fn park(self) -> Result<oneshot::Receiver<ParkedIo>, Self> {
-        match self.handback {
-            Some(rx) => Ok(rx),
-            None => Err(self),
-        }
+    /// Where the stream comes back once this connection's sender is dropped; `None` for a
+    /// connection that cannot park.
+    pub fn take_handback(&mut self) -> Option<oneshot::Receiver<ParkedIo>> {
+        self.handback.take()
     }
 }
 
