@@ -45,8 +45,9 @@ use tokio::{
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long a parked stream's close (TLS `close_notify`) may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a parked stream's close (TLS `close_notify`) may take; the pool's parked upstream
+/// streams close within it too.
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// When and for how long a connection parks.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@
 //! hyper hands the stream back itself: a connection driven with `without_shutdown` ends once
 //! every sender is gone and no exchange is open, and returns its I/O and any unread bytes. So
 //! parking is dropping the pooled sender; the connection's task then passes the stream on.
-use std::{os::fd::AsRawFd, time::Duration};
+use std::os::fd::AsRawFd;
 
 use hyper::{body::Incoming, client::conn};
 use hyper_util::rt::TokioIo;
@@ -20,6 +20,7 @@ use tracing::{Instrument, debug};
 
 use super::UpstreamError;
 use crate::capture::OrigDst;
+use crate::proxy::park::CLOSE_TIMEOUT;
 
 /// An upstream connection's stream: plain TCP or verified TLS.
 pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
@@ -27,9 +28,6 @@ pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStrea
 /// A parked stream, boxed: the channel that brings it back is allocated with every connection,
 /// and the TLS stream is 1.1 KiB.
 pub type ParkedIo = Box<UpstreamIo>;
-
-/// A stream that the pool asked back does not get a TLS close_notify sent faster than this.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An HTTP/1 upstream connection: hyper's sender, and where its stream comes back once it is
 /// parked (`None`: a connection that may upgrade, which is never parked).
