@@ -72,23 +72,6 @@ pub fn default_cap(nofile: u64) -> usize {
     usize::try_from(usable).unwrap_or(usize::MAX).max(1)
 }
 
-/// Gives the kernel back the free pages of every jemalloc arena now, rather than within its
-/// decay time (the binary's allocator, `main.rs`).
-pub fn trim_heap() {
-    // MALLCTL_ARENAS_ALL: every arena.
-    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
-    // SAFETY: a purge takes no argument and returns nothing; it only releases unused pages.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(
-            PURGE_ALL.as_ptr().cast(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        );
-    }
-}
-
 #[derive(Debug, Default)]
 struct Slot {
     /// Requests in flight (or 1 for a spliced connection): 0 means idle, sheddable.
@@ -341,7 +324,7 @@ pub async fn trim_when_load_falls(conns: Arc<Connections>) {
         }
         if trims_due > 0 {
             trims_due -= 1;
-            let _ = tokio::task::spawn_blocking(trim_heap).await;
+            let _ = tokio::task::spawn_blocking(crate::heap::purge).await;
             tracing::debug!(peak, open, "heap trimmed");
         }
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod conns;
 pub mod exec;
 pub mod gateway;
+pub mod heap;
 pub mod identity;
 pub mod kube;
 pub mod metrics;

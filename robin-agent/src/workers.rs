@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use futures_util::FutureExt as _;
 use tokio::{runtime, sync::oneshot};
 
-use crate::conns::Counted;
+use crate::{conns::Counted, heap};
 
 /// Blocking-pool threads per worker runtime: token reads that must block are rare here (see
 /// `standalone::MAX_BLOCKING_THREADS` for why the pool is capped at all).
@@ -155,7 +155,12 @@ fn start_worker(index: usize) -> anyhow::Result<Worker> {
         .spawn(move || {
             CURRENT.with(|c| c.set(Some(index)));
             // Ends when the `Workers` is dropped (the sender goes with it).
-            let _ = rt.block_on(stopped);
+            rt.block_on(async {
+                tokio::select! {
+                    _ = stopped => {}
+                    () = heap::flush_thread_cache_when_quiet() => {}
+                }
+            });
         })
         .context("starting a worker thread")?;
     Ok(Worker {

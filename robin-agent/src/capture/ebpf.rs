@@ -459,7 +459,7 @@ impl Capturer {
             .map_err(|e| CaptureError::Map(names::CAPTURE_REFUSED, e))?;
         // Loading parses the kernel's BTF twice (~19 MiB of short-lived allocations), ~15 of
         // the ~25 MiB RSS of an idle agent unless handed back.
-        crate::conns::trim_heap();
+        crate::heap::purge();
         Ok(Self {
             ebpf,
             config,
