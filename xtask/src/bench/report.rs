@@ -8,7 +8,7 @@ use super::{
     guard::{self, Violation},
     peers,
     resources::Extras,
-    rounds::{NOISY_SPREAD, Outcome, PathResult, Role},
+    rounds::{NOISY_SPREAD, Outcome, PathResult, Role, Summary},
 };
 
 /// When and where the run happened.
@@ -114,7 +114,9 @@ fn intro(r: &mut String, h: &Header, s: &Settings) -> std::fmt::Result {
          unless the scenario says otherwise; load from wrk (h1), h2load (h2, gRPC), curl (download). \
          Robin captures with eBPF (`robin exec -- <load>`); each peer injects the same header, runs \
          one worker per core ({} here) and is reached as the `capture` column says. \
-         `robin ÷ this` divides Robin's median by the row's.\n",
+         `robin ÷ this` is Robin's rate over the row's within each round (the two ran minutes \
+         apart at most, so a drift of the shared host cancels), as the median of those ratios and \
+         their range.\n",
         s.warmup_seconds,
         s.rounds,
         s.seconds,
@@ -133,13 +135,11 @@ fn main_table(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     for o in main {
-        let robin = o.by_role(Role::Robin).and_then(PathResult::rate);
+        let robin = o.by_role(Role::Robin);
         for res in &o.results {
             let cells = rate_cells(res, o.unit);
-            let ratio = match (robin, res.rate(), res.spec.role) {
-                (Some(rb), Some(this), Role::Direct | Role::Peer) if this.median > 0.0 => {
-                    format!("{:.2}", rb.median / this.median)
-                }
+            let ratio = match (robin, res.spec.role) {
+                (Some(rb), Role::Direct | Role::Peer) => ratio_cell(paired_ratio(rb, res)),
                 _ => "–".into(),
             };
             writeln!(
@@ -155,6 +155,25 @@ fn main_table(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
         }
     }
     writeln!(r)
+}
+
+/// `a`'s rate over `b`'s, round by round: both ran in every round, close in time, so a slow
+/// drift of the shared host divides out instead of landing on one path's median. `None` when
+/// either lacks a round (a failed peer).
+fn paired_ratio(a: &PathResult, b: &PathResult) -> Option<Summary> {
+    if a.runs.len() != b.runs.len() || b.runs.iter().any(|m| m.rate <= 0.0) {
+        return None;
+    }
+    Summary::of(a.runs.iter().zip(&b.runs).map(|(a, b)| a.rate / b.rate))
+}
+
+/// "median (min–max)" of a per-round ratio.
+fn ratio_cell(ratio: Option<Summary>) -> String {
+    match ratio {
+        Some(r) if r.min == r.max => format!("{:.2}", r.median),
+        Some(r) => format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max),
+        None => "–".into(),
+    }
 }
 
 /// "median | min–max | spread" of a path's rate, or its failure across the three cells.
@@ -248,24 +267,21 @@ fn capture_table(r: &mut String, capture: &[Outcome], s: &Settings) -> std::fmt:
     writeln!(
         r,
         "Capture mechanism alone (trivial nginx on loopback of a namespace of its own; Robin's proxy \
-         is not on this path; {} interleaved rounds of {} s per path, medians):\n",
+         is not on this path; {} interleaved rounds of {} s per path, medians; `÷ direct` as in the \
+         table above, round by round):\n",
         s.rounds, s.cap_seconds
     )?;
     writeln!(
         r,
-        "| connections | path | req/s | min–max | spread | p50 ms | ÷ direct req/s | p50 − direct µs |"
+        "| connections | path | req/s | min–max | spread | p50 ms | ÷ direct req/s, per round | p50 − direct µs |"
     )?;
     writeln!(r, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     for o in capture {
         let direct = o.by_role(Role::Direct);
-        let d_rate = direct.and_then(PathResult::rate).map(|s| s.median);
         let d_p50 = direct.and_then(|d| d.median_of(|m| m.p50_ms));
         for res in &o.results {
             let p50 = res.median_of(|m| m.p50_ms);
-            let ratio = match (res.rate(), d_rate) {
-                (Some(this), Some(d)) if d > 0.0 => format!("{:.2}", this.median / d),
-                _ => "–".into(),
-            };
+            let ratio = ratio_cell(direct.and_then(|d| paired_ratio(res, d)));
             let dp50 = match (p50, d_p50) {
                 (Some(a), Some(b)) => format!("{:+.0}", (a - b) * 1000.0),
                 _ => "–".into(),
@@ -438,7 +454,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("| nginx | cap | 80 req/s | 80–80 | 0 % | 0.800 | – | – | 1.25 |"),
+            text.contains(
+                "| nginx | cap | 80 req/s | 80–80 | 0 % | 0.800 | – | – | 1.25 (1.25–1.62) |"
+            ),
             "{text}"
         );
         assert!(
@@ -446,6 +464,29 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Sanity guard: passed"), "{text}");
+    }
+
+    #[test]
+    fn ratios_are_taken_round_by_round() {
+        // The host slowed down threefold in round 2 for both paths alike: Robin is at half of
+        // direct in every round, which a ratio of the two medians (150 ÷ 100) would hide.
+        let o = Outcome {
+            title: "drift".into(),
+            unit: "req/s",
+            results: vec![
+                result("direct", Role::Direct, &[100.0, 300.0, 100.0], None),
+                result("robin", Role::Robin, &[50.0, 150.0, 50.0], None),
+                result("late", Role::Peer, &[100.0, 100.0], None),
+            ],
+            unguarded: None,
+        };
+        let s = Settings::new(true);
+        let text = render(&header(), &s, &[o], &[], &Extras::default(), &[]).unwrap();
+        assert!(text.contains("| drift | direct | cap | 100 req/s | 100–300 | 200 % **noisy** | 1.000 | – | – | 0.50 |"), "{text}");
+        assert!(
+            text.contains("| drift | late | cap | 100 req/s | 100–100 | 0 % | 1.000 | – | – | – |"),
+            "a peer missing a round has no pairs: {text}"
+        );
     }
 
     #[test]
