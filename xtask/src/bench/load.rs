@@ -35,6 +35,8 @@ pub struct Measurement {
     pub mean_ms: Option<f64>,
     /// Requests completed in the run.
     pub requests: f64,
+    /// MiB received, for a download.
+    pub downloaded_mib: Option<f64>,
     /// Robin's own figures when it wrapped the run.
     pub robin_hwm_kib: Option<u64>,
     pub robin_cpu_s: Option<f64>,
@@ -67,7 +69,9 @@ impl Load {
                 format!("h2load -c{connections} -m{streams} -D{seconds}{grpc} {url}")
             }
             Load::Curl => {
-                format!("echo SPEED $(curl -sS -o /dev/null -w '%{{speed_download}}' {url})")
+                format!(
+                    "echo SPEED $(curl -sS -o /dev/null -w '%{{speed_download}} %{{size_download}}' {url})"
+                )
             }
             Load::CurlSequence { requests } => {
                 // One `-o` per URL, or curl writes the later bodies to stdout.
@@ -213,17 +217,24 @@ fn parse_curl_sequence(text: &str) -> anyhow::Result<Measurement> {
     })
 }
 
+/// `SPEED <bytes per second> <bytes>`.
 fn parse_curl_speed(text: &str) -> anyhow::Result<Measurement> {
-    let bytes_per_s: f64 = text
+    let mut fields = text
         .lines()
         .find_map(|l| l.strip_prefix("SPEED "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("curl printed no download speed")?;
-    if bytes_per_s <= 0.0 {
+        .context("curl printed no download speed")?
+        .split_whitespace()
+        .map(str::parse::<f64>);
+    let (Some(Ok(bytes_per_s)), Some(Ok(bytes))) = (fields.next(), fields.next()) else {
+        bail!("curl's download figures are not `speed size`");
+    };
+    if bytes_per_s <= 0.0 || bytes <= 0.0 {
         bail!("curl downloaded nothing");
     }
+    let mib = f64::from(1u32 << 20);
     Ok(Measurement {
-        rate: bytes_per_s / f64::from(1u32 << 20),
+        rate: bytes_per_s / mib,
+        downloaded_mib: Some(bytes / mib),
         ..Default::default()
     })
 }
@@ -307,7 +318,9 @@ mod tests {
     fn curl_speed_in_mib() {
         let m = parse_curl_speed(&fixture("curl-speed.txt")).unwrap();
         assert!((m.rate - 610446849.0 / 1048576.0).abs() < 1e-9);
-        assert!(parse_curl_speed("SPEED 0").is_err());
+        assert_eq!(m.downloaded_mib, Some(1024.0));
+        assert!(parse_curl_speed("SPEED 0 0").is_err());
+        assert!(parse_curl_speed("SPEED 610446849").is_err(), "no size");
     }
 
     #[test]

@@ -306,7 +306,7 @@ fn robin_per_scenario(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
     )?;
     writeln!(
         r,
-        "| scenario | peak RSS MiB (max) | CPU s per 10k requests (median) |"
+        "| scenario | peak RSS MiB (max) | CPU s per 10k requests, or per GiB downloaded (median) |"
     )?;
     writeln!(r, "| --- | ---: | ---: |")?;
     for o in main {
@@ -316,7 +316,10 @@ fn robin_per_scenario(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
         let hwm = robin.runs.iter().filter_map(|m| m.robin_hwm_kib).max();
         let per10k = robin.median_of(|m| {
             let cpu = m.robin_cpu_s?;
-            (m.requests > 0.0).then(|| cpu / m.requests * 10_000.0)
+            match m.downloaded_mib {
+                Some(mib) => Some(cpu / mib * 1024.0),
+                None => (m.requests > 0.0).then(|| cpu / m.requests * 10_000.0),
+            }
         });
         let hwm = hwm.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0));
         writeln!(r, "| {} | {hwm} | {} |", o.title, opt(per10k))?;
@@ -487,6 +490,23 @@ mod tests {
             text.contains("| drift | late | cap | 100 req/s | 100–100 | 0 % | 1.000 | – | – | – |"),
             "a peer missing a round has no pairs: {text}"
         );
+    }
+
+    #[test]
+    fn a_download_gives_robins_cpu_per_gib() {
+        let mut robin = result("robin", Role::Robin, &[500.0], None);
+        robin.runs[0].robin_cpu_s = Some(0.75);
+        robin.runs[0].downloaded_mib = Some(512.0);
+        let o = Outcome {
+            title: "download".into(),
+            unit: "MiB/s",
+            results: vec![result("direct", Role::Direct, &[600.0], None), robin],
+            unguarded: None,
+        };
+        let s = Settings::new(true);
+        let text = render(&header(), &s, &[o], &[], &Extras::default(), &[]).unwrap();
+        // 0.75 s for half a GiB.
+        assert!(text.contains("| download | – | 1.500 |"), "{text}");
     }
 
     #[test]

@@ -285,6 +285,10 @@ fn profile_prefix(cmd: &mut Command) {
     if let Some(dir) = std::env::var_os("ROBIN_BENCH_PROFILE") {
         let n = RUN.fetch_add(1, Ordering::Relaxed);
         let out = Path::new(&dir).join(format!("robin-{n:02}.data"));
+        // perf does not make the directory; without it every profiled run fails.
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            println!("   cannot make {}: {e}", Path::new(&dir).display());
+        }
         println!("   perf record → {}", out.display());
         cmd.args(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o"])
             .arg(out)
