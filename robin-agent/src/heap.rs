@@ -8,7 +8,7 @@
 //! open) keeps the blocks its cache holds, and the pages under them, indefinitely. Turning the
 //! caches off (`tcache:false`) saved that memory but cost 15 % more CPU per request
 //! (`bench/README.md`); a flush when the thread goes quiet costs nothing per request.
-use std::time::Duration;
+use std::{ffi::CStr, time::Duration};
 
 /// How often a worker looks at its own allocation.
 const QUIET_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -22,13 +22,13 @@ const FLUSH_AFTER_BYTES: u64 = 1024 * 1024;
 /// time.
 pub fn purge() {
     // MALLCTL_ARENAS_ALL: every arena.
-    mallctl_void(b"arena.4096.purge\0");
+    mallctl_void(c"arena.4096.purge");
 }
 
 /// Returns the calling thread's cached blocks to their arenas, whose background thread then
 /// hands the pages back (within the decay time set in `main.rs`).
 pub fn flush_thread_cache() {
-    mallctl_void(b"thread.tcache.flush\0");
+    mallctl_void(c"thread.tcache.flush");
 }
 
 /// Runs on a single-threaded runtime, forever: flushes that thread's cache
@@ -85,13 +85,12 @@ fn thread_allocated() -> Option<u64> {
 }
 
 /// Runs a mallctl that takes no argument and returns nothing.
-fn mallctl_void(name: &'static [u8]) {
-    debug_assert_eq!(name.last(), Some(&0), "a C string");
-    // SAFETY: `name` is NUL-terminated; both commands read and write no value (null pointers,
-    // zero length) and only move free memory, never memory in use.
+fn mallctl_void(name: &'static CStr) {
+    // SAFETY: both commands read and write no value (null pointers, zero length) and only move
+    // free memory, never memory in use.
     unsafe {
         tikv_jemalloc_sys::mallctl(
-            name.as_ptr().cast(),
+            name.as_ptr(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
