@@ -14,10 +14,13 @@
 //! * heap handed back to the kernel once a storm is over ([`trim_when_load_falls`]).
 use std::{
     collections::BTreeMap,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -27,7 +30,7 @@ use prometheus_client::{
     encoding::DescriptorEncoder,
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, futures::OwnedNotified};
 
 pub mod busy;
 
@@ -76,7 +79,8 @@ pub fn default_cap(nofile: u64) -> usize {
 struct Slot {
     /// Requests in flight (or 1 for a spliced connection): 0 means idle, sheddable.
     busy: AtomicUsize,
-    shed: Notify,
+    /// In its own `Arc` so a connection's future can own its wait ([`UntilShed`]).
+    shed: Arc<Notify>,
 }
 
 /// The process's client connections.
@@ -243,6 +247,50 @@ impl Admitted {
     pub fn activity(&self) -> Activity {
         Activity(Some(self.slot.clone()))
     }
+
+    /// `serve` until it ends, or until the connection is shed (then `serve`, and with it the
+    /// connection, is dropped). As `select!` on [`Admitted::shed`], without an `async` layer
+    /// keeping its arguments for the connection's life.
+    pub fn until_shed<F, S>(self, serve: F, on_shed: S) -> UntilShed<F, S>
+    where
+        F: Future<Output = ()>,
+        S: FnOnce(),
+    {
+        UntilShed {
+            serve,
+            shed: self.slot.shed.clone().notified_owned(),
+            on_shed: Some(on_shed),
+            _admitted: self,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Admitted::until_shed`].
+    pub struct UntilShed<F, S> {
+        #[pin]
+        serve: F,
+        #[pin]
+        shed: OwnedNotified,
+        on_shed: Option<S>,
+        _admitted: Admitted,
+    }
+}
+
+impl<F: Future<Output = ()>, S: FnOnce()> Future for UntilShed<F, S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.serve.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        ready!(this.shed.poll(cx));
+        if let Some(on_shed) = this.on_shed.take() {
+            on_shed();
+        }
+        Poll::Ready(())
+    }
 }
 
 impl Drop for Admitted {
@@ -364,6 +412,49 @@ mod tests {
             .await
             .expect("old shed last");
         assert_eq!(conns.shed_total(), 2);
+    }
+
+    /// The connection's future is dropped when it is shed (its place freed, the hook run
+    /// once); one that ends first ends the wait and frees its place too.
+    #[tokio::test]
+    async fn until_shed_drops_the_connection_when_shed() {
+        let conns = Connections::new(1);
+        let shed_runs = Arc::new(AtomicUsize::new(0));
+        let runs = shed_runs.clone();
+        let held = conns.admit().expect("room");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let guard = DropCounter(dropped.clone());
+        let served = held.until_shed(
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            },
+            move || {
+                runs.fetch_add(1, Relaxed);
+            },
+        );
+        let task = tokio::spawn(served);
+        tokio::task::yield_now().await;
+        let newer = conns.admit().expect("the idle one is shed to make room");
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the shed connection's future ends")
+            .unwrap();
+        assert_eq!(dropped.load(Relaxed), 1, "the connection was dropped");
+        assert_eq!(shed_runs.load(Relaxed), 1);
+
+        drop(newer);
+        let done = conns.admit().expect("room").until_shed(async {}, || panic!("not shed"));
+        done.await;
+        assert_eq!(conns.open(), 0, "a finished connection frees its place");
+    }
+
+    struct DropCounter(Arc<AtomicUsize>);
+
+    impl Drop for DropCounter {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Relaxed);
+        }
     }
 
     #[test]

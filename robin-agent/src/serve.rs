@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::FutureExt as _;
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
@@ -117,9 +118,9 @@ impl Served {
                     };
                     let proxy = proxy.borrow().clone();
                     let tracked = self.tasks.token();
-                    self.workers.serve(stream, move |stream| async move {
-                        proxy.serve_admitted(stream, orig, client, conn).await;
-                        drop(tracked);
+                    self.workers.serve(stream, move |stream| {
+                        let served = proxy.serve_admitted(stream, orig, client, conn);
+                        served.map(move |()| drop(tracked))
                     });
                 }
                 Err(e) => self.conns.accept_failed(&e).await,

@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures_util::FutureExt as _;
+use futures_util::{
+    FutureExt as _,
+    future::{self, Either},
+};
 use tokio::{runtime, sync::oneshot};
 
 use crate::{conns::Counted, heap};
@@ -87,13 +90,15 @@ impl Workers {
             Ok(d) => d,
             Err(e) => return tracing::warn!(error = %e, "dropping an accepted connection"),
         };
-        self.spawn(async move {
-            // On the worker: registration happens with its I/O driver.
-            match S::attach(detached) {
-                Ok(stream) => serve(stream).await,
-                Err(e) => tracing::warn!(error = %e, "dropping an accepted connection"),
+        // On the worker: registration happens with its I/O driver. Combinators, as in `spawn`.
+        let attached = future::lazy(move |_| S::attach(detached));
+        self.spawn(attached.then(move |attached| match attached {
+            Ok(stream) => Either::Left(serve(stream)),
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping an accepted connection");
+                Either::Right(future::ready(()))
             }
-        });
+        }));
     }
 
     /// Runs `task` on the least busy worker (ties go to the first, so connections made one
