@@ -444,7 +444,10 @@ mod tests {
         assert_eq!(shed_runs.load(Relaxed), 1);
 
         drop(newer);
-        let done = conns.admit().expect("room").until_shed(async {}, || panic!("not shed"));
+        let done = conns
+            .admit()
+            .expect("room")
+            .until_shed(async {}, || panic!("not shed"));
         done.await;
         assert_eq!(conns.open(), 0, "a finished connection frees its place");
     }
