@@ -44,7 +44,7 @@ async fn run(args: ExecArgs, cfg: config::Config) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let cgroup = Cgroup::create(parent.join(format!("exec-{}", std::process::id())))?;
+    let cgroup = Cgroup::create_own(parent.join(format!("exec-{}", std::process::id())))?;
     let settings = CaptureSettings::new(cfg.capture.ports.clone(), serving.listener_port());
     let attachment = capturer.attach(&cgroup, &settings)?;
     tracing::info!(

@@ -416,3 +416,30 @@ async fn a_connect_whose_record_cannot_be_stored_is_refused_and_counted() {
         "the refusal is counted by reason"
     );
 }
+
+/// `robin exec` names its cgroup by its pid. One left by a killed `robin exec` whose pid is
+/// reused is empty and is made afresh; one with a process in it is never taken over.
+#[test]
+fn a_leftover_empty_cgroup_is_replaced_and_a_populated_one_refused() {
+    use std::os::unix::fs::MetadataExt as _;
+    require_privileges();
+    let parent = workload_cgroup();
+    let path = parent.path().join("exec-leftover");
+    std::fs::create_dir(&path).expect("the leftover cgroup");
+    let leftover_id = std::fs::metadata(&path).unwrap().ino();
+    let fresh = Cgroup::create_own(&path).expect("the empty leftover is replaced");
+    let fresh_id = std::fs::metadata(fresh.path()).unwrap().ino();
+    assert_ne!(fresh_id, leftover_id, "a new cgroup, not the leftover");
+
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawning sleep");
+    fresh.add_pid(sleeper.id()).expect("moving sleep in");
+    let refused = Cgroup::create_own(fresh.path());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = refused.expect_err("a populated cgroup is not taken over");
+    assert!(err.to_string().contains("has processes in it"), "{err}");
+    assert!(fresh.path().exists(), "the populated cgroup was left alone");
+}

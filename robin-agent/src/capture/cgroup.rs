@@ -125,6 +125,32 @@ impl Cgroup {
         Ok(Self { path, owned: true })
     }
 
+    /// As [`Cgroup::create`], under a name only this process can hold (`robin exec` uses its
+    /// pid). A `robin exec` that was killed (SIGKILL skips its cleanup) leaves its cgroup; once
+    /// its pid is reused, that empty leftover is removed and made afresh. One with processes in
+    /// it is someone's and stays: an error.
+    pub fn create_own(path: impl Into<PathBuf>) -> Result<Self, CgroupError> {
+        let path = path.into();
+        match fs::create_dir(&path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let leftover = Self::existing(path.clone());
+                if !leftover.pids()?.is_empty() {
+                    return Err(io_err("creating cgroup", &path)(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "it exists and has processes in it",
+                    )));
+                }
+                tracing::info!(path = %path.display(), "removing an empty cgroup left by a killed robin exec");
+                fs::remove_dir(&path).map_err(io_err("removing leftover cgroup", &path))?;
+                Self::create(path)
+            }
+            other => {
+                other.map_err(io_err("creating cgroup", &path))?;
+                Ok(Self { path, owned: true })
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
