@@ -170,8 +170,33 @@ fn write_experiment(
     let dir = workspace_root().join("bench/results/experiments");
     fs::create_dir_all(&dir)?;
     let stamp: String = header.date.chars().filter(char::is_ascii_digit).collect();
-    let name = format!("experiment-{stamp}.md");
+    let name = unused_name(&stamp, |n| dir.join(n).exists());
     fs::write(dir.join(&name), &text)?;
     println!("written to bench/results/experiments/{name}");
     Ok(())
+}
+
+/// `experiment-<stamp>.md`, or with `-2`, `-3`… when that is `taken`: the stamp has minutes
+/// only, and two short experiments can end in the same minute.
+fn unused_name(stamp: &str, taken: impl Fn(&str) -> bool) -> String {
+    std::iter::once(format!("experiment-{stamp}.md"))
+        .chain((2..).map(|i| format!("experiment-{stamp}-{i}.md")))
+        .find(|n| !taken(n))
+        .expect("an unbounded sequence of names")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_experiment_never_overwrites_one_from_the_same_minute() {
+        let taken = ["experiment-202612031012.md", "experiment-202612031012-2.md"];
+        let name = unused_name("202612031012", |n| taken.contains(&n));
+        assert_eq!(name, "experiment-202612031012-3.md");
+        assert_eq!(
+            unused_name("202612031013", |n| taken.contains(&n)),
+            "experiment-202612031013.md"
+        );
+    }
 }
