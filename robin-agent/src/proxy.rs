@@ -257,7 +257,6 @@ enum Front {
     Forward(Arc<dyn Resolve>),
 }
 
-/// What a connection's closing log line says about it.
 /// A connection whose first bytes were read.
 struct SniffedConn {
     stream: TcpStream,
@@ -276,6 +275,7 @@ struct Intercepted {
     conn_span: Arc<ConnSpan>,
 }
 
+/// What a connection's closing log line says about it.
 struct Seen {
     start: Instant,
     client: ClientAddr,
