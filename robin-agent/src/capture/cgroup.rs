@@ -131,24 +131,17 @@ impl Cgroup {
     /// it is someone's and stays: an error.
     pub fn create_own(path: impl Into<PathBuf>) -> Result<Self, CgroupError> {
         let path = path.into();
-        match fs::create_dir(&path) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let leftover = Self::existing(path.clone());
-                if !leftover.pids()?.is_empty() {
-                    return Err(io_err("creating cgroup", &path)(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "it exists and has processes in it",
-                    )));
-                }
-                tracing::info!(path = %path.display(), "removing an empty cgroup left by a killed robin exec");
-                fs::remove_dir(&path).map_err(io_err("removing leftover cgroup", &path))?;
-                Self::create(path)
+        if path.exists() {
+            if !Self::existing(path.clone()).pids()?.is_empty() {
+                return Err(io_err("creating cgroup", &path)(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "it exists and has processes in it",
+                )));
             }
-            other => {
-                other.map_err(io_err("creating cgroup", &path))?;
-                Ok(Self { path, owned: true })
-            }
+            tracing::info!(path = %path.display(), "removing an empty cgroup left by a killed robin exec");
+            fs::remove_dir(&path).map_err(io_err("removing leftover cgroup", &path))?;
         }
+        Self::create(path)
     }
 
     pub fn path(&self) -> &Path {
