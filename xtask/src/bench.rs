@@ -19,6 +19,7 @@ use anyhow::bail;
 use crate::{build_robin, workspace_root};
 
 mod assets;
+mod cgroups;
 mod guard;
 mod load;
 mod peers;

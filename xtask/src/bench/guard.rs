@@ -81,6 +81,7 @@ mod tests {
                 url: String::new(),
                 via: Via::Plain,
                 enter_ns: None,
+                server: None,
             },
             runs: rates
                 .iter()

@@ -37,9 +37,10 @@ pub struct Measurement {
     pub requests: f64,
     /// MiB received, for a download.
     pub downloaded_mib: Option<f64>,
-    /// Robin's own figures when it wrapped the run.
+    /// Robin's peak RSS when it wrapped the run.
     pub robin_hwm_kib: Option<u64>,
-    pub robin_cpu_s: Option<f64>,
+    /// CPU seconds the proxy (Robin or the peer) used while the load ran.
+    pub proxy_cpu_s: Option<f64>,
 }
 
 impl Load {

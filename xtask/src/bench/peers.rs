@@ -27,6 +27,13 @@ pub const NGINX_PLAIN_PORT: u16 = 8449;
 pub const HAPROXY_PLAIN_PORT: u16 = 8450;
 pub const SQUID_PORT: u16 = 3129;
 pub const MITM_PORT: u16 = 8446;
+
+/// Each peer's cgroup (`cgroups`), where the report reads the CPU it spent.
+pub const NGINX: &str = "nginx";
+pub const HAPROXY: &str = "haproxy";
+pub const ENVOY: &str = "envoy";
+pub const SQUID: &str = "squid";
+pub const MITMPROXY: &str = "mitmproxy";
 /// Group the iptables-captured mitmproxy runs as, so its own upstream connects are not
 /// redirected (squid runs as group `proxy`).
 const PEER_GID: u32 = 65534;
@@ -120,9 +127,14 @@ fn port_vars() -> Vec<(&'static str, String)> {
 /// nginx and haproxy, in the client namespace.
 pub fn start(world: &mut World) -> anyhow::Result<()> {
     let nginx = world.write_asset("nginx-peer.conf", assets::NGINX_PEER, &port_vars())?;
-    world.spawn(CLIENT_NS, "nginx", &["-c", &nginx.to_string_lossy()])?;
+    world.spawn(CLIENT_NS, NGINX, "nginx", &["-c", &nginx.to_string_lossy()])?;
     let haproxy = world.write_asset("haproxy.cfg", assets::HAPROXY, &port_vars())?;
-    world.spawn(CLIENT_NS, "haproxy", &["-f", &haproxy.to_string_lossy()])?;
+    world.spawn(
+        CLIENT_NS,
+        HAPROXY,
+        "haproxy",
+        &["-f", &haproxy.to_string_lossy()],
+    )?;
     for port in [NGINX_PORT, NGINX_H1_PORT, HAPROXY_PORT, HAPROXY_H1_PORT] {
         wait_for_port(CLIENT_NS, &format!("https://127.0.0.1:{port}/small"))?;
     }
@@ -139,6 +151,7 @@ pub fn start_full(world: &mut World, tools: &Tools) -> anyhow::Result<()> {
     let workers = Settings::workers().to_string();
     world.spawn(
         CLIENT_NS,
+        ENVOY,
         &tools.envoy.to_string_lossy(),
         &[
             "-c",
@@ -178,6 +191,7 @@ fn start_squid(world: &mut World) -> anyhow::Result<()> {
     // after SIGTERM.
     world.spawn(
         CLIENT_NS,
+        SQUID,
         "squid",
         &["--foreground", "-f", &conf.to_string_lossy()],
     )
@@ -193,6 +207,7 @@ fn start_mitmproxy(world: &mut World, tools: &Tools) -> anyhow::Result<()> {
     // Runs as group PEER_GID so that the REDIRECT rule (gid 0 only) leaves its upstream alone.
     world.spawn(
         CLIENT_NS,
+        MITMPROXY,
         "setpriv",
         &[
             &format!("--regid={PEER_GID}"),

@@ -91,7 +91,7 @@ pub fn render(
     added_latency(&mut r, main)?;
     verdict(&mut r, violations, main.iter().chain(capture))?;
     capture_table(&mut r, capture, s)?;
-    robin_per_scenario(&mut r, main)?;
+    cpu_per_work(&mut r, main)?;
     robin_figures(&mut r, extras)?;
     writeln!(r, "Versions: {}; {}.", h.robin, h.versions.join("; "))?;
     Ok(r)
@@ -299,32 +299,59 @@ fn capture_table(r: &mut String, capture: &[Outcome], s: &Settings) -> std::fmt:
     writeln!(r)
 }
 
-fn robin_per_scenario(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
+/// What each proxy spent per unit of work: Robin's CPU from /proc of `robin exec`, each peer's
+/// from its cgroup, both counted while the load ran. Unlike a rate, CPU per request does not
+/// depend on how the shared cores were divided in a round, so it compares the proxies' own cost.
+fn cpu_per_work(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
+    let mut proxies: Vec<&str> = Vec::new();
+    for res in main.iter().flat_map(|o| &o.results) {
+        if res.spec.role != Role::Direct && !proxies.contains(&res.spec.label) {
+            proxies.push(res.spec.label);
+        }
+    }
     writeln!(
         r,
-        "Robin's resources (read from /proc of the `robin exec` process after each run):\n"
+        "CPU each proxy used while the load ran, per 10k requests (per GiB for a download), median over the rounds; in brackets, that over Robin's. Robin's is read from /proc of the `robin exec` process (start-up left out), each peer's from its cgroup's `cpu.stat` (every process and thread of it). Last column: Robin's peak RSS.\n"
     )?;
     writeln!(
         r,
-        "| scenario | peak RSS MiB (max) | CPU s per 10k requests, or per GiB downloaded (median) |"
+        "| scenario | {} | Robin peak RSS MiB |",
+        proxies.join(" | ")
     )?;
-    writeln!(r, "| --- | ---: | ---: |")?;
+    writeln!(r, "| --- |{} ---: |", " ---: |".repeat(proxies.len()))?;
     for o in main {
-        let Some(robin) = o.by_role(Role::Robin) else {
-            continue;
-        };
-        let hwm = robin.runs.iter().filter_map(|m| m.robin_hwm_kib).max();
-        let per10k = robin.median_of(|m| {
-            let cpu = m.robin_cpu_s?;
-            match m.downloaded_mib {
-                Some(mib) => Some(cpu / mib * 1024.0),
-                None => (m.requests > 0.0).then(|| cpu / m.requests * 10_000.0),
-            }
-        });
+        let robin = o.by_role(Role::Robin).and_then(cpu_per_unit);
+        let cells: Vec<String> = proxies
+            .iter()
+            .map(|label| {
+                let res = o.results.iter().find(|res| res.spec.label == *label);
+                match (res.and_then(cpu_per_unit), robin) {
+                    (None, _) => "–".into(),
+                    (Some(c), Some(rb)) if res.is_some_and(|x| x.spec.role == Role::Peer) => {
+                        format!("{c:.3} ({:.2}×)", c / rb)
+                    }
+                    (Some(c), _) => format!("{c:.3}"),
+                }
+            })
+            .collect();
+        let hwm = o
+            .by_role(Role::Robin)
+            .and_then(|res| res.runs.iter().filter_map(|m| m.robin_hwm_kib).max());
         let hwm = hwm.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0));
-        writeln!(r, "| {} | {hwm} | {} |", o.title, opt(per10k))?;
+        writeln!(r, "| {} | {} | {hwm} |", o.title, cells.join(" | "))?;
     }
     writeln!(r)
+}
+
+/// A path's median CPU seconds per 10k requests, or per GiB downloaded.
+fn cpu_per_unit(res: &PathResult) -> Option<f64> {
+    res.median_of(|m| {
+        let cpu = m.proxy_cpu_s?;
+        match m.downloaded_mib {
+            Some(mib) => Some(cpu / mib * 1024.0),
+            None => (m.requests > 0.0).then(|| cpu / m.requests * 10_000.0),
+        }
+    })
 }
 
 fn robin_figures(r: &mut String, e: &Extras) -> std::fmt::Result {
@@ -402,6 +429,7 @@ mod tests {
                 url: String::new(),
                 via: Via::Plain,
                 enter_ns: None,
+                server: None,
             },
             runs: rates
                 .iter()
@@ -495,7 +523,7 @@ mod tests {
     #[test]
     fn a_download_gives_robins_cpu_per_gib() {
         let mut robin = result("robin", Role::Robin, &[500.0], None);
-        robin.runs[0].robin_cpu_s = Some(0.75);
+        robin.runs[0].proxy_cpu_s = Some(0.75);
         robin.runs[0].downloaded_mib = Some(512.0);
         let o = Outcome {
             title: "download".into(),
@@ -506,7 +534,34 @@ mod tests {
         let s = Settings::new(true);
         let text = render(&header(), &s, &[o], &[], &Extras::default(), &[]).unwrap();
         // 0.75 s for half a GiB.
-        assert!(text.contains("| download | – | 1.500 |"), "{text}");
+        assert!(
+            text.contains("| scenario | robin | Robin peak RSS MiB |"),
+            "{text}"
+        );
+        assert!(text.contains("| download | 1.500 | – |"), "{text}");
+    }
+
+    #[test]
+    fn each_peers_cpu_per_request_is_shown_against_robins() {
+        let mut o = outcome();
+        let cpu = [("robin", 0.2), ("nginx", 0.3)];
+        for res in &mut o.results {
+            for m in &mut res.runs {
+                m.requests = 20_000.0;
+                m.proxy_cpu_s = cpu.iter().find(|c| c.0 == res.spec.label).map(|c| c.1);
+            }
+        }
+        let s = Settings::new(true);
+        let text = render(&header(), &s, &[o], &[], &Extras::default(), &[]).unwrap();
+        assert!(
+            text.contains("| scenario | robin | nginx | squid | Robin peak RSS MiB |"),
+            "{text}"
+        );
+        // 0.2 s and 0.3 s for 20k requests; squid failed and has no figure.
+        assert!(
+            text.contains("| keep-alive | 0.100 | 0.150 (1.50×) | – | – |"),
+            "{text}"
+        );
     }
 
     #[test]

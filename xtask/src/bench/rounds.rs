@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    CLIENT_NS,
+    CLIENT_NS, cgroups,
     load::{Load, Measurement},
     peers::with_redirect,
 };
@@ -55,6 +55,8 @@ pub struct PathSpec {
     pub via: Via,
     /// Run the load generator inside this namespace (entered from the client namespace).
     pub enter_ns: Option<&'static str>,
+    /// The peer's cgroup (`cgroups`), whose CPU during the run is the peer's figure.
+    pub server: Option<&'static str>,
 }
 
 pub struct Scenario {
@@ -169,10 +171,16 @@ fn run_once(
         }
         Via::Gateway(config) => return run_via_gateway(load, &script, robin_bin, config),
     };
+    let peer_cpu = || spec.server.map(cgroups::cpu_s).transpose();
+    let before = peer_cpu()?;
     let (text, hwm, cpu) = run_client(robin, &script)?;
+    let after = peer_cpu()?;
     let mut m = load.parse(&text)?;
     m.robin_hwm_kib = hwm;
-    m.robin_cpu_s = cpu;
+    m.proxy_cpu_s = match (before, after) {
+        (Some(b), Some(a)) => Some(a - b),
+        _ => cpu,
+    };
     Ok(m)
 }
 
@@ -199,9 +207,11 @@ fn run_via_gateway(
     super::world::wait_for_port(CLIENT_NS, &format!("http://{GATEWAY_ADMIN}/readyz"))?;
     let proxy = format!("http://{GATEWAY_ADDR}");
     let script = format!("export https_proxy={proxy} http_proxy={proxy}\n{script}");
+    let pid = gateway.0.id();
+    let before = cpu_of(pid)?;
     let (text, _, _) = run_client(None, &script)?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.0.id()))?;
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gateway.0.id()))?;
+    let after = cpu_of(pid)?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let _ = gateway.0.kill();
     let _ = gateway.0.wait();
     let mut m = load.parse(&text)?;
@@ -209,17 +219,23 @@ fn run_via_gateway(
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok());
-    // utime + stime (fields 14, 15) in clock ticks of 1/100 s.
+    m.proxy_cpu_s = Some(after - before);
+    Ok(m)
+}
+
+/// CPU seconds process `pid` has used: utime + stime (fields 14, 15 of /proc/PID/stat, all
+/// threads), in clock ticks of 1/100 s.
+fn cpu_of(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map_or("", |(_, r)| r)
         .split_whitespace()
         .collect();
-    m.robin_cpu_s = match (fields.get(11), fields.get(12)) {
-        (Some(u), Some(s)) => Some((u.parse::<f64>()? + s.parse::<f64>()?) / 100.0),
-        _ => None,
-    };
-    Ok(m)
+    match (fields.get(11), fields.get(12)) {
+        (Some(u), Some(s)) => Ok((u.parse::<f64>()? + s.parse::<f64>()?) / 100.0),
+        _ => bail!("/proc/{pid}/stat has no utime and stime"),
+    }
 }
 
 /// A background process killed (and reaped) however the run ends.
@@ -233,7 +249,8 @@ impl Drop for KillOnDrop {
 }
 
 /// Runs `script` in the client namespace, under `robin exec` when `robin` is given. When Robin
-/// wraps it, the script's parent is Robin, whose peak RSS and CPU time are appended.
+/// wraps it, the script's parent is Robin, whose peak RSS and the CPU time it used while the
+/// script ran (start-up, eBPF loading, is left out, as a peer's is) are appended.
 pub fn run_client(
     robin: Option<(&Path, &Path)>,
     script: &str,
@@ -249,7 +266,7 @@ pub fn run_client(
                 .arg(config)
                 .arg("--");
             format!(
-                "{script}\necho ROBIN_HWM $(grep VmHWM /proc/$PPID/status | tr -s ' ' | cut -d' ' -f2)\necho ROBIN_STAT $(cut -d' ' -f14,15 /proc/$PPID/stat)"
+                "echo ROBIN_STAT0 $(cut -d' ' -f14,15 /proc/$PPID/stat)\n{script}\necho ROBIN_HWM $(grep VmHWM /proc/$PPID/status | tr -s ' ' | cut -d' ' -f2)\necho ROBIN_STAT $(cut -d' ' -f14,15 /proc/$PPID/stat)"
             )
         }
         None => script.to_owned(),
@@ -266,10 +283,15 @@ pub fn run_client(
     }
     let hwm = tagged(&text, "ROBIN_HWM ").and_then(|v| v.trim().parse().ok());
     // utime + stime in clock ticks; sysconf(_SC_CLK_TCK) is 100 on Linux x86_64.
-    let cpu = tagged(&text, "ROBIN_STAT ").and_then(|v| {
-        let mut it = v.split_whitespace().filter_map(|n| n.parse::<f64>().ok());
+    let ticks = |tag| {
+        let mut it = tagged(&text, tag)?
+            .split_whitespace()
+            .filter_map(|n| n.parse::<f64>().ok());
         Some((it.next()? + it.next()?) / 100.0)
-    });
+    };
+    let cpu = ticks("ROBIN_STAT ")
+        .zip(ticks("ROBIN_STAT0 "))
+        .map(|(end, start)| end - start);
     Ok((text, hwm, cpu))
 }
 

@@ -6,8 +6,8 @@ use super::{
     CONNECTIONS, H1_HOST, RULED, Settings, UNRULED,
     load::Load,
     peers::{
-        ENVOY_PORT, HAPROXY_H1_PORT, HAPROXY_PLAIN_PORT, HAPROXY_PORT, MITM_PORT, NGINX_H1_PORT,
-        NGINX_PLAIN_PORT, NGINX_PORT, SQUID_PORT,
+        ENVOY, ENVOY_PORT, HAPROXY, HAPROXY_H1_PORT, HAPROXY_PLAIN_PORT, HAPROXY_PORT, MITM_PORT,
+        MITMPROXY, NGINX, NGINX_H1_PORT, NGINX_PLAIN_PORT, NGINX_PORT, SQUID, SQUID_PORT,
     },
     rounds::{self, Outcome, PathSpec, Plan, Role, Scenario, Via},
     world::{CAP_DIRECT, CAP_IP, CAP_NAT_NS, CAP_NS, GRPC_PATH, GRPC_REQUEST, World},
@@ -24,6 +24,21 @@ fn path(label: &'static str, capture: &'static str, role: Role, url: String, via
         url,
         via,
         enter_ns: None,
+        server: None,
+    }
+}
+
+/// A peer's path; `server` is its cgroup, where its CPU is read.
+fn peer(
+    label: &'static str,
+    server: &'static str,
+    capture: &'static str,
+    url: String,
+    via: Via,
+) -> PathSpec {
+    PathSpec {
+        server: Some(server),
+        ..path(label, capture, Role::Peer, url, via)
     }
 }
 
@@ -73,37 +88,25 @@ impl Paths<'_> {
             Peers::Fronts if scheme == "http" => (NGINX_PLAIN_PORT, HAPROXY_PLAIN_PORT),
             Peers::Main { .. } | Peers::Fronts => (NGINX_PORT, HAPROXY_PORT),
         };
-        v.push(path("nginx", REVERSE, Role::Peer, at(nginx), Via::Plain));
-        v.push(path(
-            "haproxy",
-            REVERSE,
-            Role::Peer,
-            at(haproxy),
-            Via::Plain,
-        ));
+        v.push(peer("nginx", NGINX, REVERSE, at(nginx), Via::Plain));
+        v.push(peer("haproxy", HAPROXY, REVERSE, at(haproxy), Via::Plain));
         if let (Peers::Main { squid }, true) = (peers, self.s.full_peers) {
-            v.push(path(
-                "envoy",
-                REVERSE,
-                Role::Peer,
-                at(ENVOY_PORT),
-                Via::Plain,
-            ));
+            v.push(peer("envoy", ENVOY, REVERSE, at(ENVOY_PORT), Via::Plain));
             if squid {
                 let redirect = Via::Redirect(SQUID_PORT);
-                v.push(path(
+                v.push(peer(
                     "squid ssl-bump",
+                    SQUID,
                     TRANSPARENT,
-                    Role::Peer,
                     url.into(),
                     redirect,
                 ));
             }
             let redirect = Via::Redirect(MITM_PORT);
-            v.push(path(
+            v.push(peer(
                 "mitmproxy",
+                MITMPROXY,
                 TRANSPARENT,
-                Role::Peer,
                 url.into(),
                 redirect,
             ));

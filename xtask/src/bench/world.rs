@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::{
     CLIENT_IP, CLIENT_NS, H1_HOST, H1_IP, MINT_SUFFIX, RULED, Settings, TOKEN, UNRULED,
-    UPSTREAM_IP, UPSTREAM_NS, assets, peers, pki,
+    UPSTREAM_IP, UPSTREAM_NS, assets, cgroups, peers, pki,
 };
 use crate::status;
 
@@ -45,6 +45,9 @@ impl Drop for World {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Err(e) = cgroups::remove_all() {
+            eprintln!("warning: {e:#}");
+        }
         delete_namespaces();
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -73,6 +76,7 @@ impl World {
             children: Vec::new(),
         };
         delete_namespaces();
+        cgroups::reset()?;
         namespaces()?;
         pki::make(&world.dir)?;
         world.client_etc()?;
@@ -107,17 +111,22 @@ impl World {
         Ok(path)
     }
 
-    /// Starts `program` in `ns` as the leader of its own process group, stopped at drop.
-    pub fn spawn(&mut self, ns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    /// Starts `program` in `ns`, in the cgroup `server` (whose CPU the report reads), as the
+    /// leader of its own process group, stopped at drop.
+    pub fn spawn(
+        &mut self,
+        ns: &str,
+        server: &str,
+        program: &str,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt as _;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {program}"))?;
+            .process_group(0);
+        let child = cgroups::spawn_in(server, cmd, program, args)?;
         self.children.push(child);
         Ok(())
     }
@@ -162,7 +171,12 @@ impl World {
 
     fn start_upstream(&mut self) -> anyhow::Result<()> {
         let conf = self.write_asset("nginx-up.conf", assets::NGINX_UPSTREAM, &[])?;
-        self.spawn(UPSTREAM_NS, "nginx", &["-c", &conf.to_string_lossy()])?;
+        self.spawn(
+            UPSTREAM_NS,
+            "upstream",
+            "nginx",
+            &["-c", &conf.to_string_lossy()],
+        )?;
         wait_for_port(CLIENT_NS, &format!("https://{RULED}/small"))?;
         wait_for_port(CLIENT_NS, &format!("https://{H1_HOST}/small"))
     }
@@ -179,7 +193,7 @@ impl World {
                 assets::NGINX_CAPTURE,
                 &[("NS", ns.into()), ("LISTEN", CAP_DIRECT.into())],
             )?;
-            self.spawn(ns, "nginx", &["-c", &conf.to_string_lossy()])?;
+            self.spawn(ns, ns, "nginx", &["-c", &conf.to_string_lossy()])?;
             wait_for_port(ns, &format!("http://{CAP_DIRECT}/small"))?;
         }
         sh(&format!(
