@@ -84,6 +84,16 @@ impl Load {
         }
     }
 
+    /// The download of `url` with curl dialling 127.0.0.1:`port` instead of the URL's host.
+    pub fn curl_connecting_to(&self, url: &str, port: u16) -> anyhow::Result<String> {
+        match self {
+            Load::Curl => Ok(format!(
+                "echo SPEED $(curl -sS --connect-to ::127.0.0.1:{port} -o /dev/null -w '%{{speed_download}} %{{size_download}}' {url})"
+            )),
+            _ => bail!("only the curl download reaches a peer through --connect-to"),
+        }
+    }
+
     pub fn parse(&self, text: &str) -> anyhow::Result<Measurement> {
         match self {
             Load::Wrk { .. } => parse_wrk(text),

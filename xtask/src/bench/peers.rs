@@ -25,6 +25,8 @@ pub const HAPROXY_H1_PORT: u16 = 8448;
 /// nginx and haproxy as plain-HTTP fronts (the plain-HTTP latency row).
 pub const NGINX_PLAIN_PORT: u16 = 8449;
 pub const HAPROXY_PLAIN_PORT: u16 = 8450;
+/// haproxy as a TCP proxy (`mode tcp`, splice): the passthrough row's peer.
+pub const HAPROXY_TCP_PORT: u16 = 8451;
 pub const SQUID_PORT: u16 = 3129;
 pub const MITM_PORT: u16 = 8446;
 
@@ -116,6 +118,7 @@ fn port_vars() -> Vec<(&'static str, String)> {
         ("HAPROXY_H1_PORT", HAPROXY_H1_PORT),
         ("NGINX_PLAIN_PORT", NGINX_PLAIN_PORT),
         ("HAPROXY_PLAIN_PORT", HAPROXY_PLAIN_PORT),
+        ("HAPROXY_TCP_PORT", HAPROXY_TCP_PORT),
         ("ENVOY_PORT", ENVOY_PORT),
         ("SQUID_PORT", SQUID_PORT),
     ]
@@ -135,7 +138,13 @@ pub fn start(world: &mut World) -> anyhow::Result<()> {
         "haproxy",
         &["-f", &haproxy.to_string_lossy()],
     )?;
-    for port in [NGINX_PORT, NGINX_H1_PORT, HAPROXY_PORT, HAPROXY_H1_PORT] {
+    for port in [
+        NGINX_PORT,
+        NGINX_H1_PORT,
+        HAPROXY_PORT,
+        HAPROXY_H1_PORT,
+        HAPROXY_TCP_PORT,
+    ] {
         wait_for_port(CLIENT_NS, &format!("https://127.0.0.1:{port}/small"))?;
     }
     for port in [NGINX_PLAIN_PORT, HAPROXY_PLAIN_PORT] {

@@ -36,6 +36,9 @@ pub enum Via {
     RobinBinary { bin: PathBuf, config: PathBuf },
     /// With an iptables REDIRECT to a transparent peer's port in place.
     Redirect(u16),
+    /// Through a TCP proxy at 127.0.0.1:PORT that curl dials in place of the URL's host
+    /// (`--connect-to`): the TLS name, the certificate and the Host header stay the URL's.
+    ConnectTo(u16),
     /// Through `robin gateway --config CONFIG` (a forward proxy started in the client namespace
     /// for the run), with `https_proxy`/`http_proxy` pointing at it.
     Gateway(PathBuf),
@@ -157,12 +160,15 @@ fn run_once(
     seconds: u32,
     robin_bin: &Path,
 ) -> anyhow::Result<Measurement> {
-    let mut script = load.command(&spec.url, seconds);
+    let mut script = match spec.via {
+        Via::ConnectTo(port) => load.curl_connecting_to(&spec.url, port)?,
+        _ => load.command(&spec.url, seconds),
+    };
     if let Some(ns) = spec.enter_ns {
         script = format!("ip netns exec {ns} {script}");
     }
     let robin = match &spec.via {
-        Via::Plain => None,
+        Via::Plain | Via::ConnectTo(_) => None,
         Via::Robin(config) => Some((robin_bin, config.as_path())),
         Via::RobinBinary { bin, config } => Some((bin.as_path(), config.as_path())),
         Via::Redirect(port) => {

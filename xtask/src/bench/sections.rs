@@ -6,8 +6,9 @@ use super::{
     CONNECTIONS, H1_HOST, RULED, Settings, UNRULED,
     load::Load,
     peers::{
-        ENVOY, ENVOY_PORT, HAPROXY, HAPROXY_H1_PORT, HAPROXY_PLAIN_PORT, HAPROXY_PORT, MITM_PORT,
-        MITMPROXY, NGINX, NGINX_H1_PORT, NGINX_PLAIN_PORT, NGINX_PORT, SQUID, SQUID_PORT,
+        ENVOY, ENVOY_PORT, HAPROXY, HAPROXY_H1_PORT, HAPROXY_PLAIN_PORT, HAPROXY_PORT,
+        HAPROXY_TCP_PORT, MITM_PORT, MITMPROXY, NGINX, NGINX_H1_PORT, NGINX_PLAIN_PORT, NGINX_PORT,
+        SQUID, SQUID_PORT,
     },
     rounds::{self, Outcome, PathSpec, Plan, Role, Scenario, Via},
     world::{CAP_DIRECT, CAP_IP, CAP_NAT_NS, CAP_NS, GRPC_PATH, GRPC_REQUEST, World},
@@ -224,7 +225,17 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
         scenario(
             &format!("passthrough (splice), {} MiB download", s.large_mib),
             Load::Curl,
-            p.of(&format!("https://{UNRULED}/large"), Peers::None),
+            {
+                let mut v = p.of(&format!("https://{UNRULED}/large"), Peers::None);
+                v.push(peer(
+                    "haproxy (mode tcp, splice)",
+                    HAPROXY,
+                    "explicit TCP proxy (curl --connect-to)",
+                    format!("https://{UNRULED}/large"),
+                    Via::ConnectTo(HAPROXY_TCP_PORT),
+                ));
+                v
+            },
         ),
     ]
 }
