@@ -17,7 +17,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use rustls::ServerConfig;
@@ -43,6 +43,7 @@ mod respond;
 mod rewind;
 mod route;
 pub mod sniff;
+mod spawn;
 mod splice;
 mod upstream;
 
@@ -871,7 +872,7 @@ impl Proxy {
                 Either::Left(Either::Left(park::serve(io, http1, svc, requests, park)))
             }
             HttpServer::Http2 => {
-                let mut http2 = http2::Builder::new(TokioExecutor::new());
+                let mut http2 = http2::Builder::new(spawn::SpawnBoxed);
                 http2_limits!(http2, limits);
                 let conn = http2.serve_connection(TokioIo::new(io), svc);
                 // Boxed, as the detecting server below: the larger of them would otherwise size
@@ -956,8 +957,8 @@ macro_rules! http2_limits {
 use {http1_limits, http2_limits};
 
 /// hyper-util's server that detects the version, with both versions' limits.
-fn auto_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn auto_server(limits: &Limits) -> auto::Builder<spawn::SpawnBoxed> {
+    let mut builder = auto::Builder::new(spawn::SpawnBoxed);
     http1_limits!(builder.http1(), limits);
     http2_limits!(builder.http2(), limits);
     builder

@@ -38,7 +38,7 @@ use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{self, TrySendError},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
@@ -589,7 +589,7 @@ async fn h2_handshake<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, Upstrea
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = conn::http2::Builder::new(super::spawn::SpawnBoxed);
     h2_limits::shared!(
         builder
             .timer(TokioTimer::new())

@@ -306,7 +306,9 @@ fn tagged<'a>(text: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// ROBIN_BENCH_PROFILE=DIR: sample every Robin run with perf (software clock; this host has no
-/// hardware counters) into DIR/robin-NN.data, numbered in run order.
+/// hardware counters) into DIR/robin-NN.data, numbered in run order. With
+/// ROBIN_BENCH_PROFILE_CALLS=dwarf, with call stacks unwound from DWARF (the release build has no
+/// frame pointers), for `perf report --children`.
 fn profile_prefix(cmd: &mut Command) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static RUN: AtomicUsize = AtomicUsize::new(1);
@@ -318,9 +320,11 @@ fn profile_prefix(cmd: &mut Command) {
             println!("   cannot make {}: {e}", Path::new(&dir).display());
         }
         println!("   perf record → {}", out.display());
-        cmd.args(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o"])
-            .arg(out)
-            .arg("--");
+        cmd.args(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999"]);
+        if let Some(calls) = std::env::var_os("ROBIN_BENCH_PROFILE_CALLS") {
+            cmd.arg("--call-graph").arg(calls);
+        }
+        cmd.arg("-o").arg(out).arg("--");
     }
 }
 
