@@ -325,13 +325,7 @@ fn cpu_per_work(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
             .iter()
             .map(|label| {
                 let res = o.results.iter().find(|res| res.spec.label == *label);
-                match (res.and_then(cpu_per_unit), robin) {
-                    (None, _) => "–".into(),
-                    (Some(c), Some(rb)) if res.is_some_and(|x| x.spec.role == Role::Peer) => {
-                        format!("{c:.3} ({:.2}×)", c / rb)
-                    }
-                    (Some(c), _) => format!("{c:.3}"),
-                }
+                cpu_cell(res, robin)
             })
             .collect();
         let hwm = o
@@ -341,6 +335,18 @@ fn cpu_per_work(r: &mut String, main: &[Outcome]) -> std::fmt::Result {
         writeln!(r, "| {} | {} | {hwm} |", o.title, cells.join(" | "))?;
     }
     writeln!(r)
+}
+
+/// A path's figure, and a peer's over Robin's; `–` where the path is not in the scenario or
+/// has no figure.
+fn cpu_cell(res: Option<&PathResult>, robin: Option<f64>) -> String {
+    let Some((res, cpu)) = res.and_then(|res| Some((res, cpu_per_unit(res)?))) else {
+        return "–".into();
+    };
+    match robin {
+        Some(rb) if res.spec.role == Role::Peer => format!("{cpu:.3} ({:.2}×)", cpu / rb),
+        _ => format!("{cpu:.3}"),
+    }
 }
 
 /// A path's median CPU seconds per 10k requests, or per GiB downloaded.

@@ -226,12 +226,13 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
             &format!("passthrough (splice), {} MiB download", s.large_mib),
             Load::Curl,
             {
-                let mut v = p.of(&format!("https://{UNRULED}/large"), Peers::None);
+                let large = format!("https://{UNRULED}/large");
+                let mut v = p.of(&large, Peers::None);
                 v.push(peer(
                     "haproxy (mode tcp, splice)",
                     HAPROXY,
                     "explicit TCP proxy (curl --connect-to)",
-                    format!("https://{UNRULED}/large"),
+                    large,
                     Via::ConnectTo(HAPROXY_TCP_PORT),
                 ));
                 v
