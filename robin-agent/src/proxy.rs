@@ -168,6 +168,7 @@ pub struct Rule {
     /// The rule's first host pattern: names it in logs and metrics.
     pub label: String,
     pub stats: RuleStats,
+    pub rendered: inject::RenderedCredential,
 }
 
 /// What TLS interception needs: leaves minted by the configured CA. A proxy that only
@@ -924,6 +925,7 @@ fn build_rules(
                     .map_err(|e| ProxyError::Source(i, e))?,
                 label: r.label(),
                 stats: stats.rule(&r.label()),
+                rendered: Default::default(),
             }))
         })
         .collect()

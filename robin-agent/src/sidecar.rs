@@ -402,6 +402,7 @@ mod tests {
             label: rule.label(),
             cfg: rule,
             stats: Default::default(),
+            rendered: Default::default(),
         });
         let f = fixed_upstream(&s.upstream, rule, rx);
         assert_eq!(f.tls_name.as_deref(), Some("API.example.com"));

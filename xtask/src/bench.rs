@@ -17,6 +17,7 @@ use std::{fs, path::PathBuf};
 use anyhow::bail;
 
 use crate::{build_robin, workspace_root};
+use assets::TOKEN;
 
 mod assets;
 mod cgroups;
@@ -40,7 +41,6 @@ const RULED: &str = "bench.test";
 /// A ruled name served only over HTTP/1.1 (on `H1_IP`).
 const H1_HOST: &str = "h1.test";
 const UNRULED: &str = "bulk.test";
-const TOKEN: &str = "bench-token-0123456789";
 /// Names under this suffix match a wildcard rule: one minted leaf per distinct name.
 const MINT_SUFFIX: &str = "mint.test";
 /// Concurrent connections of the throughput rows.

@@ -1,8 +1,12 @@
 //! Header surgery on forwarded messages: the injected credential and hop-by-hop headers.
+use std::sync::Mutex;
+
 use http::{
     HeaderMap, HeaderName, HeaderValue,
     header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE},
 };
+
+use crate::secret::Token;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -13,6 +17,41 @@ pub fn set_credential(headers: &mut HeaderMap, name: &HeaderName, mut value: Hea
     value.set_sensitive(true);
     // `insert` drops every existing value for the name.
     headers.insert(name.clone(), value);
+}
+
+/// A rule's last credential header value and the token it was made from. A request whose
+/// token is that token (sources hand out clones of what they cached, so this is mostly a
+/// pointer comparison) reuses the value: rendering, header validation and the audience check's
+/// JWT parse, each a pass over a token of about 1 KiB, are paid once per token instead of once
+/// per request. Only a value that passed every check is kept; a failure is recomputed (and
+/// counted) on every request.
+#[derive(Default)]
+pub struct RenderedCredential(Mutex<Option<(Token, HeaderValue)>>);
+
+impl RenderedCredential {
+    /// The value made from `token`, when it is the one kept.
+    pub fn get(&self, token: &Token) -> Option<HeaderValue> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        kept.as_ref()
+            .filter(|(t, _)| t == token)
+            .map(|(_, value)| value.clone())
+    }
+
+    /// Keeps `value` as the one made from `token`, replacing the previous token's.
+    pub fn keep(&self, token: Token, value: HeaderValue) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((token, value));
+    }
+}
+
+/// Says whether a value is kept, never the value.
+impl std::fmt::Debug for RenderedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `try_lock`: formatting must not wait on (or deadlock with) a request.
+        let kept = self.0.try_lock().ok().map(|k| k.is_some());
+        f.debug_struct("RenderedCredential")
+            .field("kept", &kept)
+            .finish()
+    }
 }
 
 /// True when `Connection` lists `upgrade` and an `Upgrade` header names a protocol other than
@@ -115,6 +154,31 @@ mod tests {
         assert_eq!(all[0], "Bearer t");
         assert!(all[0].is_sensitive());
         assert_eq!(h.get("x-other").unwrap(), "1");
+    }
+
+    #[test]
+    fn a_credential_is_reused_for_its_own_token_only() {
+        let rendered = RenderedCredential::default();
+        let first = Token::parse("first").unwrap();
+        assert!(rendered.get(&first).is_none(), "nothing kept yet");
+        rendered.keep(first.clone(), HeaderValue::from_static("Bearer first"));
+        assert_eq!(rendered.get(&first).unwrap(), "Bearer first");
+        // The same value read again (another allocation) is the same token.
+        assert_eq!(
+            rendered.get(&Token::parse("first\n").unwrap()).unwrap(),
+            "Bearer first"
+        );
+        let second = Token::parse("second").unwrap();
+        assert!(
+            rendered.get(&second).is_none(),
+            "a rotated token is rendered anew"
+        );
+        rendered.keep(second.clone(), HeaderValue::from_static("Bearer second"));
+        assert!(
+            rendered.get(&first).is_none(),
+            "only the latest token is kept"
+        );
+        assert_eq!(rendered.get(&second).unwrap(), "Bearer second");
     }
 
     #[test]

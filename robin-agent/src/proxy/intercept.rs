@@ -69,7 +69,8 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// The rule's credential header value for this request.
+/// The rule's credential header value for this request: made and checked once per token
+/// ([`super::inject::RenderedCredential`]).
 async fn credential(rule: &Rule) -> Result<HeaderValue, ProxyError> {
     let fetch_start = Instant::now();
     let token = rule.source.token().await;
@@ -81,6 +82,9 @@ async fn credential(rule: &Rule) -> Result<HeaderValue, ProxyError> {
             error,
         }
     })?;
+    if let Some(value) = rule.rendered.get(&token) {
+        return Ok(value);
+    }
     if let Some(expected) = &rule.cfg.audience {
         check_audience(&token, expected).map_err(|mismatch| {
             rule.stats.audience_mismatches.inc();
@@ -90,8 +94,10 @@ async fn credential(rule: &Rule) -> Result<HeaderValue, ProxyError> {
             }
         })?;
     }
-    HeaderValue::from_str(&rule.cfg.format.render(token.expose()))
-        .map_err(|_| ProxyError::CredentialUnrenderable)
+    let value = HeaderValue::from_str(&rule.cfg.format.render(token.expose()))
+        .map_err(|_| ProxyError::CredentialUnrenderable)?;
+    rule.rendered.keep(token, value.clone());
+    Ok(value)
 }
 
 async fn forward(
@@ -192,30 +198,32 @@ fn fit_to(
     scheme: &Scheme,
     authority: Authority,
 ) -> Result<(), ProxyError> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
     if req.method() == Method::CONNECT {
         return Err(ProxyError::InvalidTarget);
     }
     match proto {
-        Proto::H2 => fit_h2(req, path, scheme, authority),
-        Proto::Http1 => fit_http1(req, path, &authority),
+        Proto::H2 => fit_h2(req, scheme, authority),
+        Proto::Http1 => fit_http1(req, &authority),
     }
+}
+
+/// The request target's path and query, `/` when it has none (an authority-only target).
+fn path_of(req: &Request<Incoming>) -> String {
+    req.uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned()
 }
 
 fn fit_h2(
     req: &mut Request<Incoming>,
-    path: String,
     scheme: &Scheme,
     authority: Authority,
 ) -> Result<(), ProxyError> {
     *req.uri_mut() = Uri::builder()
         .scheme(scheme.clone())
         .authority(authority)
-        .path_and_query(path)
+        .path_and_query(path_of(req))
         .build()
         .map_err(|_| ProxyError::InvalidTarget)?;
     *req.version_mut() = Version::HTTP_2;
@@ -223,15 +231,16 @@ fn fit_h2(
     Ok(())
 }
 
-fn fit_http1(
-    req: &mut Request<Incoming>,
-    path: String,
-    authority: &Authority,
-) -> Result<(), ProxyError> {
+fn fit_http1(req: &mut Request<Incoming>, authority: &Authority) -> Result<(), ProxyError> {
     // An h2 `:authority` (or absolute-form target) takes precedence over any Host header
     // (RFC 9113 §8.3.1), so the upstream sees the host the rule matched.
     let had_authority = req.uri().authority().is_some();
-    *req.uri_mut() = path.parse().map_err(|_| ProxyError::InvalidTarget)?;
+    // An origin-form target, what HTTP/1.1 clients send, is already the upstream's.
+    if had_authority || req.uri().scheme().is_some() {
+        *req.uri_mut() = path_of(req)
+            .parse()
+            .map_err(|_| ProxyError::InvalidTarget)?;
+    }
     *req.version_mut() = Version::HTTP_11;
     if had_authority || !req.headers().contains_key(HOST) {
         let host =

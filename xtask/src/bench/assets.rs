@@ -12,6 +12,11 @@ pub const MITM_INJECT: &str = include_str!("../../../bench/assets/mitm-inject.py
 pub const ROBIN: &str = include_str!("../../../bench/assets/robin.toml");
 pub const IDLE_CONNS_PY: &str = include_str!("../../../bench/assets/idle_conns.py");
 pub const MINT_PY: &str = include_str!("../../../bench/assets/mint.py");
+/// The injected credential: shaped and sized as a projected ServiceAccount token (a 1,088-byte
+/// RS256 JWT with `aud`, `kubernetes.io` and the other claims the kubelet's tokens carry; the
+/// signature is random bytes, nothing verifies it). A short placeholder would hide what a
+/// proxy pays per request for a real token's size.
+pub const TOKEN: &str = include_str!("../../../bench/assets/token.jwt");
 
 /// Replaces every `@NAME@` in `template` by its value; a placeholder left without a value is
 /// an error, so a renamed variable cannot reach a peer as literal text.
