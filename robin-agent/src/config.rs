@@ -5,6 +5,7 @@
 //! extra leftmost label (`a.api.example.com`, not `api.example.com` nor `a.b.api.example.com`),
 //! as TLS wildcard certificates do.
 use std::{
+    borrow::Cow,
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -259,22 +260,26 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// Lower-cases a Host/SNI value and removes a port and a trailing dot.
-pub fn normalize_host(raw: &str) -> String {
+/// Lower-cases a Host/SNI value and removes a port and a trailing dot. Borrows when the value
+/// needs no lower-casing, as nearly every client sends it: this runs on every request.
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     let host = if raw.starts_with('[') {
-        raw.split(']')
-            .next()
-            .map(|h| format!("{h}]"))
-            .unwrap_or_default()
+        match raw.find(']') {
+            Some(end) => &raw[..=end],
+            None => return Cow::Owned(format!("{}]", raw.to_ascii_lowercase())),
+        }
     } else {
         raw.rsplit_once(':')
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .map_or(raw, |(h, _)| h)
-            .to_owned()
     };
-    let host = host.strip_suffix('.').unwrap_or(&host);
-    host.to_ascii_lowercase()
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// An address prefix, `10.0.0.0/8` or `fd00::/8`. IPv4-mapped IPv6 addresses match IPv4
@@ -705,6 +710,11 @@ source = { kind = "file", path = "/tok" }
         assert_eq!(normalize_host("A.Example.com:8443"), "a.example.com");
         assert_eq!(normalize_host("a.example.com."), "a.example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("[::1"), "[::1]");
+        assert!(matches!(
+            normalize_host("a.example.com:8443"),
+            Cow::Borrowed("a.example.com")
+        ));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use assets::TOKEN;
 mod assets;
 mod cgroups;
 mod guard;
+mod idle;
 mod load;
 mod peers;
 mod pki;

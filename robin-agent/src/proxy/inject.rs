@@ -91,6 +91,9 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// handshake being relayed, so `Connection: upgrade` and `Upgrade` are rebuilt as the only
 /// connection options.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if !upgrade && !headers.keys().any(may_be_hop_by_hop) {
+        return;
+    }
     let named: Vec<String> = connection_tokens(headers).collect();
     for name in named {
         if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
@@ -123,6 +126,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+/// A name the stripping below acts on, whatever its value. Most messages carry none: one pass
+/// over their names then costs less than the eight hashed lookups the full strip makes. A name
+/// listed in `Connection` is only hop-by-hop when `Connection` itself is present.
+fn may_be_hop_by_hop(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    matches!(
+        name,
+        "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade"
+    ) || name.starts_with("proxy-")
 }
 
 #[cfg(test)]
@@ -198,6 +212,23 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["content-length", "x-end"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let pairs = [
+            ("host", "api.example"),
+            ("authorization", "Bearer t"),
+            ("x-connection", "keep-alive"),
+            ("accept", "*/*"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&pairs));
+        // One hop-by-hop name anywhere takes the message through the whole strip.
+        let mut h = map(&[("x-a", "1"), ("connection", "x-a"), ("x-b", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let method = req.method().clone();
-    // The path only: query strings often carry secrets.
-    let path = req.uri().path().to_owned();
+    // A clone shares the parsed target's bytes; only its path is logged (query strings often
+    // carry secrets).
+    let target = req.uri().clone();
     let routed = ctx.routes.route(req.uri(), req.headers(), req.version());
     let (result, rule) = match routed.await {
         Ok(route) => {
@@ -60,7 +61,7 @@ pub async fn handle(
     };
     info!(
         %method,
-        path,
+        path = target.path(),
         status = status.as_u16(),
         ms = start.elapsed().as_millis() as u64,
         rule = label,

@@ -108,7 +108,7 @@ pub enum Refusal {
 
 /// The request's host as sent: the target's authority (absolute form, h2 `:authority`) or the
 /// one Host header; both present must agree.
-pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<Option<&'a str>, Refusal> {
     let mut hosts = headers.get_all(HOST).iter();
     let header = match (hosts.next(), hosts.next()) {
         (None, _) => None,
@@ -119,8 +119,8 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Re
         (Some(a), Some(h)) if normalize_host(a) != normalize_host(h) => {
             Err(Refusal::ConflictingHost)
         }
-        (Some(a), _) => Ok(Some(a.to_owned())),
-        (None, h) => Ok(h.map(str::to_owned)),
+        (Some(a), _) => Ok(Some(a)),
+        (None, h) => Ok(h),
     }
 }
 
@@ -140,11 +140,11 @@ impl Routes {
                 name,
                 alpn,
                 orig,
-            } => tls_route(rule, name, *alpn, *orig, host.as_deref()),
-            Self::Plain { rules, orig } => plain_route(rules, *orig, host.as_deref(), version),
+            } => tls_route(rule, name, *alpn, *orig, host),
+            Self::Plain { rules, orig } => plain_route(rules, *orig, host, version),
             Self::Forward { rules, resolver } => {
                 let orig = forward_target(uri, resolver.as_ref()).await?;
-                plain_route(rules, orig, host.as_deref(), version)
+                plain_route(rules, orig, host, version)
             }
             Self::Fixed(fixed) => Ok(fixed_route(fixed, version)),
         }
@@ -234,7 +234,7 @@ fn plain_route(
             } else {
                 Alpn::Http1
             };
-            plain_ruled(rule, name, orig, authority, alpn)
+            plain_ruled(rule, name.into_owned(), orig, authority, alpn)
         }
         _ => Ok(Route {
             rule: None,
@@ -306,7 +306,7 @@ mod tests {
         for v in hosts {
             h.append(HOST, HeaderValue::from_str(v).unwrap());
         }
-        request_host(&uri.parse().unwrap(), &h)
+        request_host(&uri.parse().unwrap(), &h).map(|host| host.map(str::to_owned))
     }
 
     #[test]

@@ -297,7 +297,7 @@ fn clean_host(buf: &[u8]) -> Option<String> {
     match (hosts.next(), hosts.next()) {
         (Some(h), None) => std::str::from_utf8(h.value)
             .ok()
-            .map(normalize_host)
+            .map(|h| normalize_host(h).into_owned())
             .filter(|h| is_dns_name(h)),
         _ => None,
     }

@@ -665,10 +665,11 @@ impl Upstream {
 
     /// A ready connection: a pooled one if hyper reports one ready, else exactly one dial.
     pub async fn checkout(&self) -> Result<Checkout, UpstreamError> {
-        let asked = Instant::now();
         if let Some(reused) = self.take_pooled().await {
             return Ok(reused);
         }
+        // Taken only when the pool had nothing: no clock read on a reuse.
+        let asked = Instant::now();
         let Some(lock) = self.pool.dial_lock(&self.target) else {
             return self.dial().await;
         };

@@ -116,7 +116,11 @@ fn intro(r: &mut String, h: &Header, s: &Settings) -> std::fmt::Result {
          one worker per core ({} here) and is reached as the `capture` column says. \
          `robin ÷ this` is Robin's rate over the row's within each round (the two ran minutes \
          apart at most, so a drift of the shared host cancels), as the median of those ratios and \
-         their range.\n",
+         their range. The 1-connection (latency) rows run with idle CPUs polling instead of \
+         halting, for every path alike (`/dev/cpu_dma_latency` held at 0, as tuned's \
+         latency-performance profile does): on a virtual machine each wake-up of a halted vCPU \
+         costs tens of µs through the hypervisor, which the added latency would otherwise mostly \
+         measure.\n",
         s.warmup_seconds,
         s.rounds,
         s.seconds,

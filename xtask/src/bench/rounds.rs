@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     CLIENT_NS, cgroups,
+    idle::PollingIdle,
     load::{Load, Measurement},
     peers::with_redirect,
 };
@@ -68,6 +69,8 @@ pub struct Scenario {
     pub paths: Vec<PathSpec>,
     /// Why the sanity guard does not apply to this scenario, if it does not.
     pub unguarded: Option<&'static str>,
+    /// Idle CPUs poll instead of halting while every path of it runs ([`PollingIdle`]).
+    pub polling_idle: bool,
 }
 
 /// A path's runs (the warm-up excluded), or why it failed.
@@ -101,6 +104,7 @@ pub fn order(n: usize, round: usize) -> Vec<usize> {
 /// direct or Robin path ends the benchmark; a failing peer is recorded and left out.
 pub fn run(scn: &Scenario, plan: &Plan, robin_bin: &Path) -> anyhow::Result<Outcome> {
     println!("== {}", scn.title);
+    let _polling_idle = scn.polling_idle.then(PollingIdle::hold).transpose()?;
     let mut results: Vec<PathResult> = scn
         .paths
         .iter()

@@ -122,6 +122,7 @@ fn scenario(title: &str, load: Load, paths: Vec<PathSpec>) -> Scenario {
         load,
         paths,
         unguarded: None,
+        polling_idle: false,
     }
 }
 
@@ -193,16 +194,22 @@ fn main_scenarios(s: &Settings, world: &World) -> Vec<Scenario> {
         ),
         // Added latency is what one request pays with nothing queued in front of it.
         // The peers show what the second hop costs any proxy on this machine.
-        scenario(
-            "plain HTTP inject, 1 connection (latency)",
-            wrk(1, false),
-            p.of(&plain, Peers::Fronts),
-        ),
-        scenario(
-            "TLS intercept + inject, 1 connection (latency)",
-            wrk(1, false),
-            p.of(&small, Peers::Fronts),
-        ),
+        Scenario {
+            polling_idle: true,
+            ..scenario(
+                "plain HTTP inject, 1 connection (latency)",
+                wrk(1, false),
+                p.of(&plain, Peers::Fronts),
+            )
+        },
+        Scenario {
+            polling_idle: true,
+            ..scenario(
+                "TLS intercept + inject, 1 connection (latency)",
+                wrk(1, false),
+                p.of(&small, Peers::Fronts),
+            )
+        },
         // What an app that can only be pointed at a proxy gets (`robin gateway`), against the
         // same client captured by eBPF: one curl, requests in a row on one connection.
         scenario(
