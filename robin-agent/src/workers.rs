@@ -1,6 +1,6 @@
 //! The data path's threads: one single-threaded tokio runtime per core, each serving whole
-//! connections. A connection, the tasks it spawns (hyper's upstream connection drivers, the
-//! pooled-connection returns) and the upstream connections it uses stay on one thread, as in
+//! connections. A connection, the tasks it spawns (hyper's h2 streams and h2 upstream connection
+//! drivers) and the upstream connections it uses stay on one thread, as in
 //! nginx's or Envoy's workers: a request crosses no thread and wakes no parked worker on its way
 //! from the workload to the upstream and back.
 //!

@@ -16,8 +16,11 @@
 //! (nginx's `keepalive` is per worker process instead), so the memory they bound does not grow
 //! with the number of workers.
 //!
-//! An HTTP/1 connection idle in the pool for [`PoolLimits::park_after`] parks ([`parked`]): the
-//! pool keeps its stream and drops hyper's connection until the next checkout.
+//! An HTTP/1 connection is driven by the task that uses it ([`http1`]): the request's, while it
+//! is checked out; none while it is idle. Idle in the pool for [`PoolLimits::park_after`], it
+//! parks ([`parked`]): the pool keeps its stream and drops hyper's connection until the next
+//! checkout.
+mod http1;
 mod parked;
 
 use std::{
@@ -42,11 +45,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
 use tokio_util::either::Either;
 use tracing::{Instrument, debug};
 
-use self::parked::{Http1Conn, ParkedIo, UpstreamIo};
+use self::http1::Http1Conn;
+use self::parked::{ParkedIo, UpstreamIo};
 use super::{ProxyStats, h2_limits};
 use crate::{
     capture::{NetNs, OrigDst},
@@ -166,7 +169,8 @@ struct H2Conn {
 }
 
 /// An upstream response body. On h2 it holds its stream's slot until it ends; on HTTP/1 it
-/// returns its connection to the pool when it ends, from the task that read it.
+/// drives its connection while it is read (hyper reads the body as the connection is polled)
+/// and returns it to the pool when it ends, from the task that read it.
 pub struct UpstreamBody {
     inner: Incoming,
     stream: Option<Counted>,
@@ -190,6 +194,10 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(release) = &mut self.release {
+            // An ended connection has handed the body its end or its error.
+            let _ = release.conn.drive(cx);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.end(),
@@ -231,28 +239,32 @@ struct Release {
 }
 
 impl Release {
-    /// Pools the connection at once when hyper already reports it ready for the next request
-    /// (the usual case: its driver runs on this worker and finished the response before the
-    /// body's end reached us); else a task waits for that, or for the connection to close.
+    /// Pools the connection at once when it settles ready for the next request (the usual case:
+    /// the body's end was the exchange's end); else, while hyper still writes the request body
+    /// the upstream answered early, a task drives it until it is ready or closes.
     fn run(self) {
-        if self.conn.sender.is_ready() {
-            return self.pool.put(self.key, self.conn);
-        }
         let Self {
             pool,
             key,
             mut conn,
         } = self;
+        if conn.settle() {
+            return pool.put(key, conn);
+        }
         // Off any runtime (a body dropped by a test thread) the connection just closes.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if conn.has_ended() {
+            return;
+        }
         let pool = Arc::downgrade(&pool);
         runtime.spawn(async move {
-            if conn.sender.ready().await.is_err() {
-                return;
-            }
-            if let Some(pool) = pool.upgrade() {
+            // Settled again: the stream must not keep this finished task's waker.
+            if conn.ready().await
+                && conn.settle()
+                && let Some(pool) = pool.upgrade()
+            {
                 pool.put(key, conn);
             }
         });
@@ -267,55 +279,33 @@ struct Idle {
 /// An idle HTTP/1 connection, as the sweep moves it along.
 enum IdleConn {
     Live(Http1Conn),
-    /// Parked: hyper's connection is ending; its task hands the stream back here.
-    Parking(oneshot::Receiver<ParkedIo>),
     Parked(ParkedIo),
 }
 
 impl IdleConn {
-    /// One sweep's step: parks a connection idle for `park_after`, takes in a stream handed
-    /// back. `false`: the connection is closed (dropping it closes its stream).
-    fn sweep(&mut self, idle_for: Duration, park_after: Duration, parked: &Counter) -> bool {
+    /// One sweep's step: parks a connection idle for `park_after`. `None`: the connection is
+    /// closed (dropping it closes its stream).
+    fn swept(self, idle_for: Duration, park_after: Duration, parked: &Counter) -> Option<Self> {
         match self {
-            Self::Live(c) if c.sender.is_closed() => false,
-            Self::Live(c) if idle_for >= park_after => {
-                if let Some(handback) = c.take_handback() {
-                    parked.inc();
-                    // Drops hyper's only sender: its connection ends and hands the stream back.
-                    *self = Self::Parking(handback);
+            Self::Live(mut c) => {
+                if !c.settle() {
+                    return None;
                 }
-                true
+                if idle_for < park_after || !c.can_park() {
+                    return Some(Self::Live(c));
+                }
+                let io = c.park()?;
+                parked.inc();
+                Some(Self::Parked(io))
             }
-            Self::Live(_) => true,
-            Self::Parking(handback) => match handback.try_recv() {
-                Ok(io) => {
-                    *self = Self::Parked(io);
-                    true
-                }
-                Err(oneshot::error::TryRecvError::Empty) => true,
-                Err(oneshot::error::TryRecvError::Closed) => false,
-            },
-            Self::Parked(io) => parked::reusable(io),
+            Self::Parked(io) => parked::reusable(&io).then_some(Self::Parked(io)),
         }
-    }
-
-    /// Parked, but its task has not handed the stream back yet.
-    fn handing_back(&self) -> bool {
-        matches!(self, Self::Parking(handback) if handback.is_empty())
     }
 
     /// The connection if it can take a request now.
     fn take(self) -> Option<Pooled> {
         match self {
-            Self::Live(c) => c
-                .sender
-                .is_ready()
-                .then_some(Pooled::Ready(Sender::Http1(c))),
-            Self::Parking(mut handback) => handback
-                .try_recv()
-                .ok()
-                .filter(parked::reusable)
-                .map(Pooled::Parked),
+            Self::Live(mut c) => c.settle().then_some(Pooled::Ready(Sender::Http1(c))),
             Self::Parked(io) => parked::reusable(&io).then_some(Pooled::Parked(io)),
         }
     }
@@ -431,9 +421,8 @@ impl Pool {
                 Counted::on(&c.streams),
             )));
         }
-        // The warmest first; one whose stream is on its way back stays for the next sweep.
-        while let Some(at) = entry.idle.iter().rposition(|i| !i.conn.handing_back()) {
-            let idle = entry.idle.remove(at);
+        // The warmest first.
+        while let Some(idle) = entry.idle.pop() {
             *idle_total -= 1;
             if idle.since.elapsed() >= self.limits.idle_timeout {
                 continue;
@@ -509,10 +498,18 @@ impl Pool {
         } = &mut *st;
         keys.retain(|_, e| {
             let before = e.idle.len();
-            e.idle.retain_mut(|i| {
-                let idle_for = i.since.elapsed();
-                idle_for < timeout && i.conn.sweep(idle_for, park_after, parked)
-            });
+            // Collected in place: the vector's allocation is reused.
+            e.idle = std::mem::take(&mut e.idle)
+                .into_iter()
+                .filter_map(|Idle { conn, since }| {
+                    let idle_for = since.elapsed();
+                    if idle_for >= timeout {
+                        return None;
+                    }
+                    let conn = conn.swept(idle_for, park_after, parked)?;
+                    Some(Idle { conn, since })
+                })
+                .collect();
             *idle_total -= before - e.idle.len();
             e.h2.retain(|c| {
                 !c.sender.is_closed()
@@ -524,7 +521,7 @@ impl Pool {
     }
 
     /// A new connection for `t`; `upgradeable` for a request asking to upgrade (see
-    /// [`parked::http1`]).
+    /// [`Http1Conn::handshake`]).
     async fn dial(&self, t: &Target, upgradeable: bool) -> Result<Sender, UpstreamError> {
         let timeout = self.limits.connect_timeout;
         let tcp = tokio::time::timeout(timeout, self.dialer.connect(t.dst.0))
@@ -582,7 +579,9 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
 }
 
 async fn http1(dst: OrigDst, io: UpstreamIo, upgradeable: bool) -> Result<Sender, UpstreamError> {
-    Ok(Sender::Http1(parked::http1(dst, io, upgradeable).await?))
+    Ok(Sender::Http1(
+        Http1Conn::handshake(dst, io, upgradeable).await?,
+    ))
 }
 
 async fn h2_handshake<T>(dst: OrigDst, io: TokioIo<T>) -> Result<Sender, UpstreamError>
@@ -743,7 +742,7 @@ impl Upstream {
                 }))
             }
             Sender::Http1(mut conn) => {
-                let resp = conn.sender.try_send_request(req).await.map_err(unsent)?;
+                let resp = conn.send(req).await.map_err(unsent)?;
                 // An upgraded connection belongs to the tunnel from now on.
                 let release =
                     (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
@@ -849,6 +848,23 @@ mod tests {
         assert_eq!(idle(&p, &b), 1, "total cap");
         assert!(ready(p.take(&b)));
         assert_eq!(p.state().idle_total, 2);
+    }
+
+    /// No task watches an idle connection: the checkout itself must see the upstream's close.
+    #[tokio::test]
+    async fn a_pooled_connection_the_upstream_closed_is_not_handed_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t = target(listener.local_addr().unwrap().port(), None);
+        let p = pool(limits());
+        let mut s = dial(&p, &t).await;
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(s.settle(), "a fresh connection takes a request");
+        p.put(t.clone(), s);
+        drop(accepted);
+        // The FIN crosses loopback in microseconds.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(p.take(&t).is_none(), "a closed connection was handed out");
+        assert_eq!(p.state().idle_total, 0);
     }
 
     #[tokio::test]
