@@ -92,11 +92,16 @@ async fn no_log_record_contains_a_token() {
     body_string(resp).await;
     drop(send);
 
-    // Let the connection tasks finish and write their closing lines (bounded wait).
+    // Let the connection tasks finish and write their closing lines (bounded wait). A closing
+    // line may read "failed": the h2 client's close can race the GOAWAY Robin's server flushes
+    // in answer to its own, and that write then fails. Either record must be free of the token.
+    let closing = |text: &str| {
+        text.matches("connection closed").count() + text.matches("connection failed").count()
+    };
     let deadline = std::time::Instant::now() + STEP;
     loop {
         let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
-        if text.matches("connection closed").count() >= 4 || std::time::Instant::now() > deadline {
+        if closing(&text) >= 4 || std::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -117,7 +122,7 @@ async fn no_log_record_contains_a_token() {
     }
     assert!(text.contains("identity unavailable"), "{text}");
     assert!(text.contains("source=file:"), "{text}");
-    assert!(text.matches("connection closed").count() >= 4, "{text}");
+    assert!(closing(&text) >= 4, "{text}");
     // Enough was captured for the check to mean something.
     assert!(text.lines().count() > 20, "{text}");
 }

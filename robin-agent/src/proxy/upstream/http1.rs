@@ -111,7 +111,7 @@ impl Http1Conn {
     /// no task's waker registered on an idle stream (it would keep that task's memory alive).
     pub fn settle(&mut self) -> bool {
         let _ = self.drive(&mut Context::from_waker(Waker::noop()));
-        !matches!(self.driver, Driver::Ended) && self.sender.is_ready()
+        !self.has_ended() && self.sender.is_ready()
     }
 
     /// Whether hyper ended it: it can never take another request.
