@@ -407,7 +407,7 @@ pub struct Capturer {
 
 /// The loader for Robin's object, without the kernel's BTF: aya needs it only for CO-RE
 /// relocations, which Robin's programs have none of (a test checks). `Ebpf::load` parses the
-/// kernel's BTF twice and holds both (a 48 MiB peak RSS for a process that idles at 12);
+/// kernel's BTF twice and holds both (a 48 MiB peak RSS for a process that idles at 11);
 /// `EbpfLoader::new` still parses it once, dropped here at once, as aya has no loader that
 /// skips it (aya-rs/aya#1172).
 fn loader<'a>() -> EbpfLoader<'a> {
