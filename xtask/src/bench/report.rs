@@ -374,6 +374,13 @@ fn robin_figures(r: &mut String, e: &Extras) -> std::fmt::Result {
             mib(k)
         )?;
     }
+    if let Some(k) = e.bpf_maps_kib {
+        writeln!(
+            r,
+            "| eBPF maps, kernel memory (not RSS; charged to Robin's cgroup), MiB | {} |",
+            mib(k)
+        )?;
+    }
     if let Some((n, hs, req, settled)) = e.conns_rss_kib {
         writeln!(
             r,

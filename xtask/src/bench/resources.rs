@@ -9,6 +9,8 @@ use super::{CLIENT_NS, MINT_SUFFIX, RULED, Settings, UPSTREAM_IP, assets, world:
 #[derive(Default)]
 pub struct Extras {
     pub idle_rss_kib: Option<u64>,
+    /// Kernel memory of the eBPF maps Robin holds (their `memlock`), charged to its cgroup.
+    pub bpf_maps_kib: Option<u64>,
     /// (connections held, RSS after handshakes, RSS 1 s after one request each, RSS 11 s
     /// after, the connections still held).
     pub conns_rss_kib: Option<(u32, u64, u64, u64)>,
@@ -78,6 +80,7 @@ fn idle_connections(
     match client_output(Some(robin), &cmd) {
         Ok(text) => {
             extras.idle_rss_kib = field(&text, "IDLE_RSS", 0);
+            extras.bpf_maps_kib = field(&text, "BPF_MAPS", 0);
             extras.conns_rss_kib = (|| {
                 Some((
                     field(&text, "CONNS_RSS", 0)?,
