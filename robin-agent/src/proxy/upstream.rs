@@ -251,13 +251,13 @@ impl Release {
         if conn.settle() {
             return pool.put(key, conn);
         }
+        if conn.has_ended() {
+            return;
+        }
         // Off any runtime (a body dropped by a test thread) the connection just closes.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if conn.has_ended() {
-            return;
-        }
         let pool = Arc::downgrade(&pool);
         runtime.spawn(async move {
             // Settled again: the stream must not keep this finished task's waker.
